@@ -1,0 +1,95 @@
+"""Schedule names -> generators, with each generator's constraints checked before it runs.
+
+    build("bitpipe", num_ranks=4, num_microbatches=8)  -> validated compute-only Schedule
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from megatron_bitpipe.schedules.errors import ScheduleConfigError
+from megatron_bitpipe.schedules.ir import Schedule
+
+Generator = Callable[..., Schedule]
+Check = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A registered schedule: ``generate(num_ranks, num_microbatches, **options)`` after ``check``."""
+
+    name: str
+    generate: Generator
+    check: Check
+    summary: str
+    options: tuple[str, ...] = ()
+    bidirectional: bool = False
+
+
+REGISTRY: dict[str, ScheduleSpec] = {}
+
+
+def register(spec: ScheduleSpec) -> ScheduleSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"schedule {spec.name!r} is registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def names() -> list[str]:
+    _load_generators()
+    return list(REGISTRY)
+
+
+def get(name: str) -> ScheduleSpec:
+    _load_generators()
+    if name not in REGISTRY:
+        known = ", ".join(REGISTRY)
+        raise ScheduleConfigError(f"--schedule {name!r} is not a known schedule; choose one of: {known}")
+    return REGISTRY[name]
+
+
+def build(name: str, num_ranks: int, num_microbatches: int, **options: object) -> Schedule:
+    """Check the settings, generate the schedule and validate it; errors name setting and rule."""
+    from megatron_bitpipe.schedules.validate import validate
+
+    spec = get(name)
+    given = {key: value for key, value in options.items() if value is not None}
+    unknown = sorted(set(given) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(spec.options) or "none"
+        raise ScheduleConfigError(
+            f"{name}: option(s) {', '.join(unknown)} not accepted; this schedule takes: {allowed}"
+        )
+    if num_ranks < 1:
+        raise ScheduleConfigError(f"{name}: --pp {num_ranks} must be >= 1")
+    if num_microbatches < 1:
+        raise ScheduleConfigError(f"{name}: --microbatches {num_microbatches} must be >= 1")
+    spec.check(num_ranks, num_microbatches, **given)
+    schedule = spec.generate(num_ranks, num_microbatches, **given)
+    validate(schedule)
+    return schedule
+
+
+GENERATOR_MODULES = (
+    "gpipe",
+    "one_f_one_b",
+    "breadth_first",
+    "zero_bubble",
+    "vshape",
+    "chimera",
+    "bitpipe",
+)
+
+
+def _load_generators() -> None:
+    """Import the generator modules; each registers itself on import. Missing ones are skipped."""
+    import importlib
+
+    for module in GENERATOR_MODULES:
+        try:
+            importlib.import_module(f"megatron_bitpipe.schedules.{module}")
+        except ModuleNotFoundError as error:
+            if error.name != f"megatron_bitpipe.schedules.{module}":
+                raise

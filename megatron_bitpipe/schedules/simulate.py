@@ -1,0 +1,285 @@
+"""Event simulation of a schedule with costs: timeline, makespan, bubbles, peak memory, p2p volume.
+
+Each rank runs its compute actions in order; an action starts when its rank is free and its
+inputs are there (a cross-rank input arrives ``latency + bytes / bandwidth`` after its producer
+ends; a same-rank hand-over, such as the V turn, is free). Replica gradient syncs start at a
+stage's REDUCE_GRAD once both replicas reached it, run on a separate channel per rank and overlap
+compute; the step ends when the last compute and the last sync end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from megatron_bitpipe.schedules.errors import ScheduleError
+from megatron_bitpipe.schedules.ir import Action, Kind, Schedule, produces, requires
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDims:
+    """Model and batch sizes, for bytes: per-layer activation stash, messages, gradients."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    micro_batch_size: int = 1
+    vocab_size: int = 50304
+    bytes_per_value: int = 2
+
+    def message_bytes(self) -> int:
+        """One boundary activation (or its gradient): s * b * h values."""
+        return self.seq_length * self.micro_batch_size * self.hidden_size * self.bytes_per_value
+
+    def layer_activation_bytes(self) -> int:
+        """Stash of one layer for one microbatch, s*b*h*(34 + 5*a*s/h) bytes at 16 bit
+        (Korthikanti et al. 2022, no recompute), scaled to ``bytes_per_value``."""
+        s, b, h, a = self.seq_length, self.micro_batch_size, self.hidden_size, self.num_attention_heads
+        return int(s * b * h * (34 + 5 * a * s / h) * self.bytes_per_value / 2)
+
+    def layer_parameter_count(self) -> int:
+        return 12 * self.hidden_size * self.hidden_size + 13 * self.hidden_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class Costs:
+    """Durations per stage action (any time unit) and the communication model.
+
+    ``input_grad``/``weight_grad`` default to half of ``backward`` each. ``stage_extra`` adds time
+    to stages by position in their pipeline: ``{0: embedding_time, -1: head_and_loss_time}``.
+    Messages cost ``latency + message_bytes / bandwidth``; a replica sync of one stage costs
+    ``sync_latency + 2 * stage_grad_bytes / sync_bandwidth`` (a 2-rank all-reduce).
+    """
+
+    forward: float = 1.0
+    backward: float = 2.0
+    input_grad: float | None = None
+    weight_grad: float | None = None
+    stage_extra: dict[int, tuple[float, float]] = field(default_factory=dict)
+    latency: float = 0.0
+    bandwidth: float = math.inf
+    message_bytes: int = 0
+    sync_latency: float = 0.0
+    sync_bandwidth: float = math.inf
+    stage_grad_bytes: int = 0
+
+    def duration(self, action: Action, position: int, stages_per_pipeline: int) -> float:
+        """Duration of compute ``action`` on a stage at ``position`` of its pipeline."""
+        base = {
+            Kind.F: self.forward,
+            Kind.B: self.backward,
+            Kind.I: self.backward / 2 if self.input_grad is None else self.input_grad,
+            Kind.W: self.backward / 2 if self.weight_grad is None else self.weight_grad,
+        }[action.kind]
+        extra = self.stage_extra.get(position) or self.stage_extra.get(position - stages_per_pipeline)
+        if extra:
+            forward_extra, backward_extra = extra
+            base += forward_extra if action.kind is Kind.F else (backward_extra if action.kind in (Kind.B, Kind.I) else 0.0)
+        return base
+
+    def message_time(self) -> float:
+        return self.latency + (self.message_bytes / self.bandwidth if self.message_bytes else 0.0)
+
+    def sync_time(self) -> float:
+        return self.sync_latency + (2 * self.stage_grad_bytes / self.sync_bandwidth if self.stage_grad_bytes else 0.0)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One action's simulated (or measured) span on one rank."""
+
+    rank: int
+    action: Action
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What a simulation reports; all per-rank tuples are indexed by rank."""
+
+    name: str
+    makespan: float
+    events: tuple[Event, ...]
+    sync_events: tuple[Event, ...]
+    busy: tuple[float, ...]
+    peak_activations: tuple[int, ...]
+    p2p_messages: int
+    p2p_bytes: int
+    peak_activation_bytes: tuple[int, ...] | None = None
+
+    @property
+    def bubble(self) -> tuple[float, ...]:
+        """Idle fraction of the step, per rank."""
+        return tuple(1.0 - busy / self.makespan for busy in self.busy)
+
+    @property
+    def bubble_ratio(self) -> float:
+        """Total idle time over total time, all ranks."""
+        return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
+
+    @property
+    def idle(self) -> tuple[float, ...]:
+        return tuple(self.makespan - busy for busy in self.busy)
+
+
+def simulate(schedule: Schedule, costs: Costs | None = None, dims: ModelDims | None = None) -> SimResult:
+    """Simulate ``schedule`` (compute-only or lowered) with ``costs``; bytes need ``dims``."""
+    costs = costs or Costs()
+    if dims is not None and costs.message_bytes == 0:
+        costs = _with_bytes(costs, schedule, dims)
+    events = _run(schedule, costs)
+    sync_events = _syncs(schedule, events, costs)
+    ends = [event.end for event in events] + [event.end for event in sync_events]
+    makespan = max(ends, default=0.0)
+    busy = [0.0] * schedule.num_ranks
+    for event in events:
+        busy[event.rank] += event.end - event.start
+    peaks = peak_activations(schedule)
+    messages = _count_messages(schedule)
+    stash_bytes = None
+    if dims is not None:
+        per_chunk = dims.layer_activation_bytes() * _layers_per_stage(schedule, dims)
+        stash_bytes = tuple(peak * per_chunk for peak in peaks)
+    return SimResult(
+        name=schedule.name,
+        makespan=makespan,
+        events=tuple(events),
+        sync_events=tuple(sync_events),
+        busy=tuple(busy),
+        peak_activations=peaks,
+        p2p_messages=messages,
+        p2p_bytes=messages * costs.message_bytes,
+        peak_activation_bytes=stash_bytes,
+    )
+
+
+def peak_activations(schedule: Schedule) -> tuple[int, ...]:
+    """Most chunk activations stashed at once per rank: +1 at F, -1 after B (or after W if split)."""
+    peaks = []
+    for program in schedule.compute_programs():
+        split = {(a.stage, a.microbatch) for a in program if a.kind is Kind.W}
+        live = peak = 0
+        for action in program:
+            if action.kind is Kind.F:
+                live += 1
+                peak = max(peak, live)
+            elif action.kind is Kind.W or (action.kind is Kind.B and (action.stage, action.microbatch) not in split):
+                live -= 1
+        peaks.append(peak)
+    return tuple(peaks)
+
+
+def _run(schedule: Schedule, costs: Costs) -> list[Event]:
+    """Time every compute action; raise ScheduleError if the programs cannot all finish."""
+    placement = schedule.placement
+    programs = schedule.compute_programs()
+    per_pipeline = placement.stages_per_pipeline
+    message_time = costs.message_time()
+    done_at: dict[tuple[str, int, int], tuple[float, int]] = {}
+    waiting: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+    cursor = [0] * len(programs)
+    free_at = [0.0] * len(programs)
+    events: list[Event] = []
+    ready = deque(range(len(programs)))
+    while ready:
+        rank = ready.popleft()
+        program = programs[rank]
+        while cursor[rank] < len(program):
+            action = program[cursor[rank]]
+            start = free_at[rank]
+            missing = None
+            for fact in requires(action, placement):
+                produced = done_at.get(fact)
+                if produced is None:
+                    missing = fact
+                    break
+                end, producer_rank = produced
+                start = max(start, end + (message_time if producer_rank != rank else 0.0))
+            if missing is not None:
+                waiting[missing].append(rank)
+                break
+            end = start + costs.duration(action, placement.position(action.stage), per_pipeline)
+            events.append(Event(rank, action, start, end))
+            free_at[rank] = end
+            cursor[rank] += 1
+            for fact in produces(action):
+                done_at[fact] = (end, rank)
+                ready.extend(waiting.pop(fact, ()))
+    stuck = [rank for rank, program in enumerate(programs) if cursor[rank] < len(program)]
+    if stuck:
+        where = ", ".join(f"rank {rank} at {programs[rank][cursor[rank]]}" for rank in stuck)
+        raise ScheduleError(f"{schedule.name}: simulation cannot progress (deadlock): {where}")
+    return events
+
+
+def _syncs(schedule: Schedule, events: list[Event], costs: Costs) -> list[Event]:
+    """Replica syncs: start once both replicas reached REDUCE_GRAD, one at a time per rank."""
+    if not schedule.is_lowered:
+        return []
+    placement = schedule.placement
+    end_of = {(event.rank, event.action): event.end for event in events}
+    issue: dict[tuple[int, int], float] = {}
+    order: list[list[int]] = []
+    for rank, program in enumerate(schedule.programs):
+        clock = 0.0
+        stages = []
+        for action in program:
+            if action.is_compute:
+                clock = end_of[(rank, action)]
+            elif action.kind is Kind.REDUCE_GRAD:
+                issue[(rank, action.stage)] = clock
+                stages.append(action.stage)
+        order.append(stages)
+    channel = [0.0] * schedule.num_ranks
+    result = []
+    for rank, stages in enumerate(order):
+        partner = placement.num_ranks - 1 - rank if placement.num_pipelines == 2 else rank
+        if partner < rank:
+            continue
+        partner_stage = {placement.position(stage): stage for stage in order[partner]}
+        for stage in stages:
+            other = partner_stage[placement.position(stage)]
+            start = max(issue[(rank, stage)], issue[(partner, other)], channel[rank], channel[partner])
+            end = start + costs.sync_time()
+            channel[rank] = channel[partner] = end
+            result.append(Event(rank, Action(stage, Kind.REDUCE_GRAD), start, end))
+            if partner != rank:
+                result.append(Event(partner, Action(other, Kind.REDUCE_GRAD), start, end))
+    return result
+
+
+def _count_messages(schedule: Schedule) -> int:
+    placement = schedule.placement
+    count = 0
+    for rank, program in enumerate(schedule.compute_programs()):
+        for action in program:
+            if action.kind is Kind.F:
+                target = placement.next_stage(action.stage)
+            elif action.kind in (Kind.B, Kind.I):
+                target = placement.prev_stage(action.stage)
+            else:
+                continue
+            if target is not None and placement.rank_of(target) != rank:
+                count += 1
+    return count
+
+
+def _layers_per_stage(schedule: Schedule, dims: ModelDims) -> int:
+    per_pipeline = schedule.placement.stages_per_pipeline
+    if dims.num_layers % per_pipeline:
+        raise ValueError(
+            f"--num-layers {dims.num_layers} must be divisible by the {per_pipeline} stages of "
+            f"{schedule.name}'s pipeline"
+        )
+    return dims.num_layers // per_pipeline
+
+
+def _with_bytes(costs: Costs, schedule: Schedule, dims: ModelDims) -> Costs:
+    from dataclasses import replace
+
+    layers = _layers_per_stage(schedule, dims)
+    grad_bytes = layers * dims.layer_parameter_count() * 4
+    return replace(costs, message_bytes=dims.message_bytes(), stage_grad_bytes=grad_bytes)

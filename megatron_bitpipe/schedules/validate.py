@@ -1,0 +1,371 @@
+"""Rules every schedule must keep; a broken rule raises ScheduleError naming rank, action and rule.
+
+Checked, in order: placement (each action on the rank that holds its stage, in its microbatch's
+pipeline), completeness (F once and B once, or I and W once, for every stage of every microbatch),
+local order (no action before one it depends on, on the same rank), messages (after ``lower``:
+every send has its receive, in the same order per peer pair), replica syncs (after the last
+backward of their stage, in the same order on both replicas), and deadlock freedom (ranks run
+their programs in order; sends and receive posts never block; compute waits for its inputs).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+from megatron_bitpipe.schedules.errors import ScheduleError
+from megatron_bitpipe.schedules.ir import COMM_KINDS, Action, Kind, Schedule, produces, requires
+
+Message = tuple[int, int, str, int, int]  # (sender, receiver, "F"|"B", producing stage, microbatch)
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise ScheduleError at the first broken rule; return None for a valid schedule."""
+    _check_shape(schedule)
+    _check_placement(schedule)
+    _check_completeness(schedule)
+    _check_local_order(schedule)
+    if schedule.is_lowered:
+        _check_messages(schedule)
+        _check_replica_syncs(schedule)
+    _check_progress(schedule)
+
+
+def timeline_excerpt(schedule: Schedule, rank: int, position: int, width: int = 5) -> str:
+    """Every rank's actions around ``position``, the offending one marked ``<-- ERROR HERE``."""
+    lines = []
+    start = max(0, position - width)
+    for other_rank, program in enumerate(schedule.programs):
+        window = program[start : position + width + 1]
+        cells = " ".join(f"{str(action):>6}" for action in window)
+        marker = "   <-- ERROR HERE" if other_rank == rank else ""
+        lines.append(f"  rank {other_rank:>2} [{start:>4}:] {cells}{marker}")
+    if 0 <= rank < len(schedule.programs) and position < len(schedule.programs[rank]):
+        pointer = 18 + 7 * (position - start)
+        lines.insert(rank + 1, " " * pointer + "^" * 6)
+    return "\n".join(lines)
+
+
+def _fail(schedule: Schedule, rank: int, position: int, rule: str) -> ScheduleError:
+    program = schedule.programs[rank] if 0 <= rank < len(schedule.programs) else ()
+    action = program[position] if 0 <= position < len(program) else None
+    where = f"rank {rank}, action {action} (position {position})" if action else f"rank {rank}"
+    return ScheduleError(
+        f"{schedule.name}: {where}: {rule}\n{timeline_excerpt(schedule, rank, position)}"
+    )
+
+
+def _check_shape(schedule: Schedule) -> None:
+    placement = schedule.placement
+    if len(schedule.programs) != placement.num_ranks:
+        raise ScheduleError(
+            f"{schedule.name}: {len(schedule.programs)} programs for {placement.num_ranks} ranks"
+        )
+    if len(schedule.microbatch_pipeline) != schedule.num_microbatches:
+        raise ScheduleError(f"{schedule.name}: microbatch_pipeline must give one pipeline per microbatch")
+    for microbatch, pipeline in enumerate(schedule.microbatch_pipeline):
+        if not 0 <= pipeline < placement.num_pipelines:
+            raise ScheduleError(
+                f"{schedule.name}: microbatch {microbatch} assigned to pipeline {pipeline}, "
+                f"placement has {placement.num_pipelines}"
+            )
+
+
+def _check_placement(schedule: Schedule) -> None:
+    placement = schedule.placement
+    for rank, position, action in schedule.actions():
+        if not 0 <= action.stage < placement.num_stages:
+            raise _fail(schedule, rank, position, f"stage {action.stage} does not exist")
+        if action.kind is Kind.REDUCE_GRAD:
+            if action.microbatch is not None:
+                raise _fail(schedule, rank, position, "REDUCE_GRAD takes no microbatch")
+        elif action.microbatch is None or not 0 <= action.microbatch < schedule.num_microbatches:
+            raise _fail(
+                schedule, rank, position, f"microbatch must be in 0..{schedule.num_microbatches - 1}"
+            )
+        elif placement.pipeline_of(action.stage) != schedule.microbatch_pipeline[action.microbatch]:
+            raise _fail(
+                schedule,
+                rank,
+                position,
+                f"microbatch {action.microbatch} flows through pipeline "
+                f"{schedule.microbatch_pipeline[action.microbatch]}, not the one of stage {action.stage}",
+            )
+        if placement.rank_of(action.stage) != rank:
+            raise _fail(
+                schedule,
+                rank,
+                position,
+                f"stage {action.stage} lives on rank {placement.rank_of(action.stage)} "
+                f"({placement.kind} placement)",
+            )
+
+
+def _check_completeness(schedule: Schedule) -> None:
+    seen: dict[Action, tuple[int, int]] = {}
+    for rank, position, action in schedule.actions():
+        if action.is_compute:
+            if action in seen:
+                first_rank, first_position = seen[action]
+                raise _fail(
+                    schedule, rank, position, f"runs twice (first at position {first_position})"
+                )
+            seen[action] = (rank, position)
+    for microbatch in range(schedule.num_microbatches):
+        for stage in schedule.stages_of(microbatch):
+            rank = schedule.placement.rank_of(stage)
+            has = {kind for kind in (Kind.F, Kind.B, Kind.I, Kind.W) if Action(stage, kind, microbatch) in seen}
+            missing = None
+            if Kind.F not in has:
+                missing = f"{stage}F{microbatch}"
+            elif Kind.B in has and has & {Kind.I, Kind.W}:
+                missing = f"both a full backward and a split one for stage {stage}"
+            elif Kind.B not in has and not {Kind.I, Kind.W} <= has:
+                missing = f"{stage}B{microbatch} (or {stage}I{microbatch} and {stage}W{microbatch})"
+            if missing:
+                raise _fail(
+                    schedule,
+                    rank,
+                    len(schedule.programs[rank]),
+                    f"microbatch {microbatch} is incomplete: missing {missing}",
+                )
+
+
+def _check_local_order(schedule: Schedule) -> None:
+    placement = schedule.placement
+    for rank, program in enumerate(schedule.programs):
+        produced_at: dict[tuple[str, int, int], int] = {}
+        for position, action in enumerate(program):
+            if action.is_compute:
+                for fact in produces(action):
+                    produced_at[fact] = position
+        for position, action in enumerate(program):
+            if not action.is_compute:
+                continue
+            for fact in requires(action, placement):
+                where = produced_at.get(fact)
+                if where is not None and where > position:
+                    raise _fail(
+                        schedule,
+                        rank,
+                        position,
+                        f"needs {program[where]} (the {fact[0]} of stage {fact[1]}), "
+                        f"which this rank runs later, at position {where}",
+                    )
+
+
+def messages_of(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
+    """Cross-rank messages per (sender, receiver), in the sender's compute order."""
+    placement = schedule.placement
+    outgoing: dict[tuple[int, int], list[Message]] = defaultdict(list)
+    for rank, program in enumerate(schedule.compute_programs()):
+        for action in program:
+            assert action.microbatch is not None
+            if action.kind is Kind.F:
+                target = placement.next_stage(action.stage)
+                direction = "F"
+            elif action.kind in (Kind.B, Kind.I):
+                target = placement.prev_stage(action.stage)
+                direction = "B"
+            else:
+                continue
+            if target is not None and placement.rank_of(target) != rank:
+                receiver = placement.rank_of(target)
+                outgoing[(rank, receiver)].append(
+                    (rank, receiver, direction, action.stage, action.microbatch)
+                )
+    return outgoing
+
+
+def message_of(action: Action, rank: int, schedule: Schedule) -> Message:
+    """The message a SEND/RECV action carries, keyed by its producing stage."""
+    placement = schedule.placement
+    stage, microbatch = action.stage, action.microbatch
+    assert microbatch is not None
+    if action.kind is Kind.SEND_F:
+        peer = placement.next_stage(stage)
+        return (rank, -1 if peer is None else placement.rank_of(peer), "F", stage, microbatch)
+    if action.kind is Kind.SEND_B:
+        peer = placement.prev_stage(stage)
+        return (rank, -1 if peer is None else placement.rank_of(peer), "B", stage, microbatch)
+    if action.kind is Kind.RECV_F:
+        peer = placement.prev_stage(stage)
+        sender = -1 if peer is None else placement.rank_of(peer)
+        return (sender, rank, "F", -1 if peer is None else peer, microbatch)
+    peer = placement.next_stage(stage)
+    sender = -1 if peer is None else placement.rank_of(peer)
+    return (sender, rank, "B", -1 if peer is None else peer, microbatch)
+
+
+def _check_messages(schedule: Schedule) -> None:
+    expected = messages_of(schedule)
+    sent: dict[tuple[int, int], list[tuple[Message, int, int]]] = defaultdict(list)
+    received: dict[tuple[int, int], list[tuple[Message, int, int]]] = defaultdict(list)
+    for rank, position, action in schedule.actions():
+        if action.kind not in COMM_KINDS:
+            continue
+        message = message_of(action, rank, schedule)
+        sender, receiver = message[0], message[1]
+        if sender == receiver or -1 in (sender, receiver):
+            raise _fail(schedule, rank, position, "no message crosses ranks here (local hand-over or pipeline end)")
+        book = sent if action.kind in (Kind.SEND_F, Kind.SEND_B) else received
+        book[(sender, receiver)].append((message, rank, position))
+    for pair in set(expected) | set(sent) | set(received):
+        want = expected.get(pair, [])
+        sends = [entry[0] for entry in sent.get(pair, [])]
+        receives = [entry[0] for entry in received.get(pair, [])]
+        for label, got, entries in (("send", sends, sent), ("receive", receives, received)):
+            if sorted(got) != sorted(want):
+                rank = pair[0] if label == "send" else pair[1]
+                missing = sorted(set(want) - set(got)) or sorted(set(got) - set(want))
+                raise _fail(
+                    schedule,
+                    rank,
+                    len(schedule.programs[rank]),
+                    f"{label}s from rank {pair[0]} to rank {pair[1]} do not match the compute: "
+                    f"wrong or missing {_describe(missing[0])}",
+                )
+        for index, (send, receive) in enumerate(zip(sends, receives, strict=True)):
+            if send != receive:
+                _, rank, position = received[pair][index]
+                raise _fail(
+                    schedule,
+                    rank,
+                    position,
+                    f"message order from rank {pair[0]} differs: message {index} is sent as "
+                    f"{_describe(send)} but received as {_describe(receive)} (order-matched p2p)",
+                )
+    _check_message_placement(schedule)
+
+
+def _describe(message: Message) -> str:
+    _, _, direction, stage, microbatch = message
+    what = "activation" if direction == "F" else "gradient"
+    return f"{what} of stage {stage}, microbatch {microbatch}"
+
+
+def _check_message_placement(schedule: Schedule) -> None:
+    """A SEND comes after its producer; a RECV comes before its consumer."""
+    placement = schedule.placement
+    for rank, program in enumerate(schedule.programs):
+        index = {action: position for position, action in enumerate(program)}
+        for position, action in enumerate(program):
+            microbatch = action.microbatch
+            if action.kind is Kind.SEND_F:
+                related, must_precede = Action(action.stage, Kind.F, microbatch), True
+            elif action.kind is Kind.SEND_B:
+                split = Action(action.stage, Kind.I, microbatch)
+                related, must_precede = (split if split in index else Action(action.stage, Kind.B, microbatch)), True
+            elif action.kind is Kind.RECV_F:
+                related, must_precede = Action(action.stage, Kind.F, microbatch), False
+            elif action.kind is Kind.RECV_B:
+                split = Action(action.stage, Kind.I, microbatch)
+                related, must_precede = (split if split in index else Action(action.stage, Kind.B, microbatch)), False
+            else:
+                continue
+            where = index.get(related)
+            if where is None or (where > position) == must_precede:
+                rule = "comes before the action that produces it" if must_precede else "comes after the action that consumes it"
+                raise _fail(schedule, rank, position, f"{action.kind.value} {rule} ({related})")
+    del placement
+
+
+def _check_replica_syncs(schedule: Schedule) -> None:
+    placement = schedule.placement
+    order: dict[int, list[int]] = {}
+    for rank, program in enumerate(schedule.programs):
+        last_backward: dict[int, int] = {}
+        for position, action in enumerate(program):
+            if action.kind in (Kind.B, Kind.W):
+                last_backward[action.stage] = position
+        synced: list[int] = []
+        for position, action in enumerate(program):
+            if action.kind is not Kind.REDUCE_GRAD:
+                continue
+            if action.stage in synced:
+                raise _fail(schedule, rank, position, "the stage is synced twice")
+            if last_backward.get(action.stage, -1) > position:
+                raise _fail(
+                    schedule,
+                    rank,
+                    position,
+                    f"sync before the stage's last backward (position {last_backward[action.stage]})",
+                )
+            synced.append(action.stage)
+        order[rank] = [placement.position(stage) for stage in synced]
+    if placement.num_pipelines == 2:
+        for rank in range(placement.num_ranks):
+            partner = placement.num_ranks - 1 - rank
+            if order[rank] != order[partner]:
+                raise _fail(
+                    schedule,
+                    rank,
+                    len(schedule.programs[rank]),
+                    f"replica syncs run in stage order {order[rank]} here but {order[partner]} on "
+                    f"the replica rank {partner}; collectives must match",
+                )
+
+
+def _check_progress(schedule: Schedule) -> None:
+    """Run all programs together; if no rank can move before all finish, report the deadlock."""
+    blocked = dry_run(schedule)
+    if not blocked:
+        return
+    details = "; ".join(
+        f"rank {rank} waits at {schedule.programs[rank][position]} for {fact[0]} of stage "
+        f"{fact[1]} mb {fact[2]}"
+        for rank, position, fact in blocked
+    )
+    rank, position, _ = blocked[0]
+    raise _fail(schedule, rank, position, f"deadlock: {details}")
+
+
+def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
+    """Run every rank in order; return ``(rank, position, awaited fact)`` for blocked ranks.
+
+    Compute waits for its inputs; in a lowered schedule an input from another rank arrives when
+    its SEND has run. Sends, receive posts and syncs never block.
+    """
+    placement = schedule.placement
+    lowered = schedule.is_lowered
+    available: set[tuple[str, int, int]] = set()
+    waiting: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+    cursor = [0] * schedule.num_ranks
+    ready = deque(range(schedule.num_ranks))
+    stuck: dict[int, tuple[str, int, int]] = {}
+    while ready:
+        rank = ready.popleft()
+        program = schedule.programs[rank]
+        while cursor[rank] < len(program):
+            action = program[cursor[rank]]
+            awaited = _first_missing(action, rank, placement, available, lowered)
+            if awaited is not None:
+                waiting[awaited].append(rank)
+                stuck[rank] = awaited
+                break
+            stuck.pop(rank, None)
+            for fact in _made_available(action, rank, placement, lowered):
+                available.add(fact)
+                ready.extend(waiting.pop(fact, ()))
+            cursor[rank] += 1
+    return [(rank, cursor[rank], stuck[rank]) for rank in sorted(stuck)]
+
+
+def _first_missing(action, rank, placement, available, lowered):  # type: ignore[no-untyped-def]
+    if not action.is_compute:
+        return None
+    for fact in requires(action, placement):
+        remote = lowered and placement.rank_of(fact[1]) != rank
+        key = (f"sent {fact[0]}", fact[1], fact[2]) if remote else fact
+        if key not in available:
+            return key
+    return None
+
+
+def _made_available(action, rank, placement, lowered):  # type: ignore[no-untyped-def]
+    if action.is_compute:
+        return produces(action)
+    if action.kind is Kind.SEND_F:
+        return (("sent activation", action.stage, action.microbatch),)
+    if action.kind is Kind.SEND_B:
+        return (("sent input_grad", action.stage, action.microbatch),)
+    return ()
