@@ -21,13 +21,65 @@ Message = tuple[int, int, str, int, int]  # (sender, receiver, "F"|"B", producin
 def validate(schedule: Schedule) -> None:
     """Raise ScheduleError at the first broken rule; return None for a valid schedule."""
     _check_shape(schedule)
-    _check_placement(schedule)
-    _check_completeness(schedule)
-    _check_local_order(schedule)
+    if not _actions_are_well_formed(schedule):
+        _check_placement(schedule)
+        _check_completeness(schedule)
+        raise ScheduleError(f"{schedule.name}: malformed schedule")  # pragma: no cover - guard
     if schedule.is_lowered:
         _check_messages(schedule)
         _check_replica_syncs(schedule)
-    _check_progress(schedule)
+    if dry_run(schedule):
+        _check_local_order(schedule)
+        _check_progress(schedule)
+
+
+_KIND_CODE = {Kind.F: 0, Kind.B: 1, Kind.I: 2, Kind.W: 3}
+
+
+def _actions_are_well_formed(schedule: Schedule) -> bool:
+    """One fast pass: placement, ranges, no duplicates, every F and backward present exactly once.
+
+    Returns False at the first problem; the detailed checks then find and describe it.
+    """
+    placement = schedule.placement
+    num_microbatches = schedule.num_microbatches
+    num_stages = placement.num_stages
+    stage_rank = [placement.rank_of(stage) for stage in range(num_stages)]
+    stage_pipeline = [placement.pipeline_of(stage) for stage in range(num_stages)]
+    microbatch_pipeline = schedule.microbatch_pipeline
+    seen = bytearray(num_stages * num_microbatches * 4)
+    counts = [0, 0, 0, 0]
+    weight_keys = []
+    kind_code = _KIND_CODE
+    for rank, program in enumerate(schedule.programs):
+        for stage, kind, microbatch in program:
+            if not 0 <= stage < num_stages:
+                return False
+            code = kind_code.get(kind)
+            if code is None:
+                if (kind is Kind.REDUCE_GRAD) != (microbatch is None):
+                    return False
+                if microbatch is not None and not 0 <= microbatch < num_microbatches:
+                    return False
+                continue
+            if (
+                microbatch is None
+                or not 0 <= microbatch < num_microbatches
+                or stage_rank[stage] != rank
+                or stage_pipeline[stage] != microbatch_pipeline[microbatch]
+            ):
+                return False
+            base = (stage * num_microbatches + microbatch) * 4
+            if seen[base + code] or (code == 1 and seen[base + 2]) or (code == 2 and seen[base + 1]):
+                return False
+            seen[base + code] = 1
+            counts[code] += 1
+            if code == 3:
+                weight_keys.append(base)
+    visits = num_microbatches * placement.stages_per_pipeline
+    if counts[0] != visits or counts[1] + counts[2] != visits or counts[2] != counts[3]:
+        return False
+    return all(seen[base + 2] for base in weight_keys)
 
 
 def timeline_excerpt(schedule: Schedule, rank: int, position: int, width: int = 5) -> str:
@@ -323,49 +375,79 @@ def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
     """Run every rank in order; return ``(rank, position, awaited fact)`` for blocked ranks.
 
     Compute waits for its inputs; in a lowered schedule an input from another rank arrives when
-    its SEND has run. Sends, receive posts and syncs never block.
+    its SEND has run. Sends, receive posts and syncs never block. Facts are integers
+    ``(stage * N + microbatch) * 3 + {0: activation, 1: input_grad, 2: weight_grad}``.
     """
     placement = schedule.placement
+    num_microbatches = schedule.num_microbatches
+    num_stages = placement.num_stages
+    stage_rank = [placement.rank_of(stage) for stage in range(num_stages)]
+    first = [placement.is_first(stage) for stage in range(num_stages)]
+    last = [placement.is_last(stage) for stage in range(num_stages)]
     lowered = schedule.is_lowered
-    available: set[tuple[str, int, int]] = set()
-    waiting: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+    done = bytearray(num_stages * num_microbatches * 3)
+    sent = bytearray(num_stages * num_microbatches * 3) if lowered else done
+    waiting: dict[int, list[int]] = defaultdict(list)
     cursor = [0] * schedule.num_ranks
+    stuck: dict[int, int] = {}
     ready = deque(range(schedule.num_ranks))
-    stuck: dict[int, tuple[str, int, int]] = {}
+    kind_f, kind_b, kind_i, kind_w = Kind.F, Kind.B, Kind.I, Kind.W
+    kind_send_f, kind_send_b = Kind.SEND_F, Kind.SEND_B
     while ready:
         rank = ready.popleft()
         program = schedule.programs[rank]
-        while cursor[rank] < len(program):
-            action = program[cursor[rank]]
-            awaited = _first_missing(action, rank, placement, available, lowered)
+        position = cursor[rank]
+        while position < len(program):
+            stage, kind, microbatch = program[position]
+            if kind is kind_send_f or kind is kind_send_b:
+                fact = (stage * num_microbatches + microbatch) * 3 + (0 if kind is kind_send_f else 1)
+                sent[fact] = 1
+                ready.extend(waiting.pop(-1 - fact, ()))
+                position += 1
+                continue
+            if microbatch is None:
+                position += 1
+                continue
+            base = (stage * num_microbatches + microbatch) * 3
+            awaited = None
+            if kind is kind_f:
+                if not first[stage]:
+                    awaited = _await(base - 3 * num_microbatches, stage - 1, rank, stage_rank, done, sent)
+            elif kind is kind_b or kind is kind_i:
+                awaited = None if done[base] else base
+                if awaited is None and not last[stage]:
+                    awaited = _await(base + 3 * num_microbatches + 1, stage + 1, rank, stage_rank, done, sent)
+            elif kind is kind_w:
+                awaited = None if done[base + 1] else base + 1
+            else:
+                position += 1
+                continue
             if awaited is not None:
                 waiting[awaited].append(rank)
                 stuck[rank] = awaited
                 break
             stuck.pop(rank, None)
-            for fact in _made_available(action, rank, placement, lowered):
-                available.add(fact)
-                ready.extend(waiting.pop(fact, ()))
-            cursor[rank] += 1
-    return [(rank, cursor[rank], stuck[rank]) for rank in sorted(stuck)]
+            for offset in _PRODUCED[kind]:
+                done[base + offset] = 1
+                ready.extend(waiting.pop(base + offset, ()))
+            position += 1
+        cursor[rank] = position
+    return [(rank, cursor[rank], _describe_fact(stuck[rank], num_microbatches)) for rank in sorted(stuck)]
 
 
-def _first_missing(action, rank, placement, available, lowered):  # type: ignore[no-untyped-def]
-    if not action.is_compute:
-        return None
-    for fact in requires(action, placement):
-        remote = lowered and placement.rank_of(fact[1]) != rank
-        key = (f"sent {fact[0]}", fact[1], fact[2]) if remote else fact
-        if key not in available:
-            return key
-    return None
+_PRODUCED = {Kind.F: (0,), Kind.B: (1, 2), Kind.I: (1,), Kind.W: (2,)}
 
 
-def _made_available(action, rank, placement, lowered):  # type: ignore[no-untyped-def]
-    if action.is_compute:
-        return produces(action)
-    if action.kind is Kind.SEND_F:
-        return (("sent activation", action.stage, action.microbatch),)
-    if action.kind is Kind.SEND_B:
-        return (("sent input_grad", action.stage, action.microbatch),)
-    return ()
+def _await(fact: int, producer: int, rank: int, stage_rank: list[int], done: bytearray, sent: bytearray) -> int | None:
+    """None if ``fact`` is usable on ``rank``; else the key to wait on (negative: a message)."""
+    if stage_rank[producer] == rank or sent is done:
+        return None if done[fact] else fact
+    return None if sent[fact] else -1 - fact
+
+
+def _describe_fact(key: int, num_microbatches: int) -> tuple[str, int, int]:
+    message = key < 0
+    fact = -1 - key if message else key
+    what = ("activation", "input_grad", "weight_grad")[fact % 3]
+    stage, microbatch = divmod(fact // 3, num_microbatches)
+    return (f"message({what})" if message else what, stage, microbatch)
