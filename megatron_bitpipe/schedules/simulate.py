@@ -14,7 +14,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from megatron_bitpipe.schedules.errors import ScheduleError
-from megatron_bitpipe.schedules.ir import Action, Kind, Schedule, produces, requires
+from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,46 +173,76 @@ def peak_activations(schedule: Schedule) -> tuple[int, ...]:
 
 
 def _run(schedule: Schedule, costs: Costs) -> list[Event]:
-    """Time every compute action; raise ScheduleError if the programs cannot all finish."""
+    """Time every compute action; raise ScheduleError if the programs cannot all finish.
+
+    Facts are integers ``(stage * N + microbatch) * 3 + {0: activation, 1: input grad,
+    2: weight grad}``; ``ready_at[fact]`` is when the fact exists on its producer's rank.
+    """
     placement = schedule.placement
     programs = schedule.compute_programs()
+    num_microbatches = schedule.num_microbatches
+    num_stages = placement.num_stages
     per_pipeline = placement.stages_per_pipeline
+    stage_rank = [placement.rank_of(stage) for stage in range(num_stages)]
+    first = [placement.is_first(stage) for stage in range(num_stages)]
+    last = [placement.is_last(stage) for stage in range(num_stages)]
+    durations = {
+        (kind, stage): costs.duration(Action(stage, kind, 0), placement.position(stage), per_pipeline)
+        for kind in (Kind.F, Kind.B, Kind.I, Kind.W)
+        for stage in range(num_stages)
+    }
     message_time = costs.message_time()
-    done_at: dict[tuple[str, int, int], tuple[float, int]] = {}
-    waiting: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+    ready_at = [-1.0] * (num_stages * num_microbatches * 3)
+    waiting: dict[int, list[int]] = defaultdict(list)
     cursor = [0] * len(programs)
     free_at = [0.0] * len(programs)
     events: list[Event] = []
-    ready = deque(range(len(programs)))
-    while ready:
-        rank = ready.popleft()
+    queue = deque(range(len(programs)))
+    stride = 3 * num_microbatches
+    while queue:
+        rank = queue.popleft()
         program = programs[rank]
-        while cursor[rank] < len(program):
-            action = program[cursor[rank]]
+        position = cursor[rank]
+        while position < len(program):
+            action = program[position]
+            stage, kind, microbatch = action
+            base = (stage * num_microbatches + microbatch) * 3
+            if kind is Kind.F:
+                needed = () if first[stage] else ((base - stride, stage - 1),)
+            elif kind is Kind.W:
+                needed = ((base + 1, stage),)
+            else:
+                needed = ((base, stage),) if last[stage] else ((base, stage), (base + stride + 1, stage + 1))
             start = free_at[rank]
-            missing = None
-            for fact in requires(action, placement):
-                produced = done_at.get(fact)
-                if produced is None:
-                    missing = fact
+            blocked = None
+            for fact, producer in needed:
+                at = ready_at[fact]
+                if at < 0:
+                    blocked = fact
                     break
-                end, producer_rank = produced
-                start = max(start, end + (message_time if producer_rank != rank else 0.0))
-            if missing is not None:
-                waiting[missing].append(rank)
+                if stage_rank[producer] != rank:
+                    at += message_time
+                if at > start:
+                    start = at
+            if blocked is not None:
+                waiting[blocked].append(rank)
                 break
-            end = start + costs.duration(action, placement.position(action.stage), per_pipeline)
+            end = start + durations[(kind, stage)]
             events.append(Event(rank, action, start, end))
             free_at[rank] = end
-            cursor[rank] += 1
-            for fact in produces(action):
-                done_at[fact] = (end, rank)
-                ready.extend(waiting.pop(fact, ()))
+            position += 1
+            for offset in _PRODUCED[kind]:
+                ready_at[base + offset] = end
+                queue.extend(waiting.pop(base + offset, ()))
+        cursor[rank] = position
     stuck = [rank for rank, program in enumerate(programs) if cursor[rank] < len(program)]
     if stuck:
         where = ", ".join(f"rank {rank} at {programs[rank][cursor[rank]]}" for rank in stuck)
         raise ScheduleError(f"{schedule.name}: simulation cannot progress (deadlock): {where}")
     return events
+
+
+_PRODUCED = {Kind.F: (0,), Kind.B: (1, 2), Kind.I: (1,), Kind.W: (2,)}
 
 
 def _syncs(schedule: Schedule, events: list[Event], costs: Costs) -> list[Event]:
