@@ -393,6 +393,7 @@ def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
     ready = deque(range(schedule.num_ranks))
     kind_f, kind_b, kind_i, kind_w = Kind.F, Kind.B, Kind.I, Kind.W
     kind_send_f, kind_send_b = Kind.SEND_F, Kind.SEND_B
+    stride = 3 * num_microbatches
     while ready:
         rank = ready.popleft()
         program = schedule.programs[rank]
@@ -412,11 +413,20 @@ def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
             awaited = None
             if kind is kind_f:
                 if not first[stage]:
-                    awaited = _await(base - 3 * num_microbatches, stage - 1, rank, stage_rank, done, sent)
+                    fact = base - stride
+                    if lowered and stage_rank[stage - 1] != rank:
+                        awaited = None if sent[fact] else -1 - fact
+                    elif not done[fact]:
+                        awaited = fact
             elif kind is kind_b or kind is kind_i:
-                awaited = None if done[base] else base
-                if awaited is None and not last[stage]:
-                    awaited = _await(base + 3 * num_microbatches + 1, stage + 1, rank, stage_rank, done, sent)
+                if not done[base]:
+                    awaited = base
+                elif not last[stage]:
+                    fact = base + stride + 1
+                    if lowered and stage_rank[stage + 1] != rank:
+                        awaited = None if sent[fact] else -1 - fact
+                    elif not done[fact]:
+                        awaited = fact
             elif kind is kind_w:
                 awaited = None if done[base + 1] else base + 1
             else:
@@ -436,13 +446,6 @@ def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
 
 
 _PRODUCED = {Kind.F: (0,), Kind.B: (1, 2), Kind.I: (1,), Kind.W: (2,)}
-
-
-def _await(fact: int, producer: int, rank: int, stage_rank: list[int], done: bytearray, sent: bytearray) -> int | None:
-    """None if ``fact`` is usable on ``rank``; else the key to wait on (negative: a message)."""
-    if stage_rank[producer] == rank or sent is done:
-        return None if done[fact] else fact
-    return None if sent[fact] else -1 - fact
 
 
 def _describe_fact(key: int, num_microbatches: int) -> tuple[str, int, int]:
