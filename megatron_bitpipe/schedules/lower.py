@@ -31,7 +31,15 @@ def lower(schedule: Schedule, *, grad_sync: bool | None = None) -> Schedule:
 
 
 def _add_comm(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
+    """Roughly: before each compute action that consumes a message, post the receives from that
+    peer up to and including it, in the peer's send order (a RECV names the consumer stage);
+    after each one that produces a message, add its send. Stage lookups are lists built once
+    (the loop sees every action)."""
     placement = schedule.placement
+    stages = range(placement.num_stages)
+    stage_rank = [placement.rank_of(stage) for stage in stages]
+    next_stage = [placement.next_stage(stage) for stage in stages]
+    prev_stage = [placement.prev_stage(stage) for stage in stages]
     outgoing = messages_of(schedule)
     pending: dict[tuple[int, int], deque[Message]] = {pair: deque(queue) for pair, queue in outgoing.items()}
     programs = []
@@ -39,65 +47,34 @@ def _add_comm(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
         lowered: list[Action] = []
         posted: set[Message] = set()
         for action in program:
-            needed = _incoming(action, rank, schedule)
-            if needed is not None and needed not in posted:
-                queue = pending[(needed[0], rank)]
-                while True:
-                    message = queue.popleft()
-                    posted.add(message)
-                    lowered.append(_receive_action(message, schedule))
-                    if message == needed:
-                        break
+            stage, kind, microbatch = action
+            if kind is Kind.F:
+                source, target, direction, send = prev_stage[stage], next_stage[stage], "F", Kind.SEND_F
+            elif kind is Kind.B or kind is Kind.I:
+                source, target, direction, send = next_stage[stage], prev_stage[stage], "B", Kind.SEND_B
+            else:
+                lowered.append(action)
+                continue
+            if source is not None and stage_rank[source] != rank:
+                needed = (stage_rank[source], rank, direction, source, microbatch)
+                if needed not in posted:
+                    queue = pending[(needed[0], rank)]
+                    while True:
+                        message = queue.popleft()
+                        posted.add(message)
+                        _, _, sent, producer, sent_microbatch = message
+                        if sent == "F":
+                            receive = Action(next_stage[producer], Kind.RECV_F, sent_microbatch)
+                        else:
+                            receive = Action(prev_stage[producer], Kind.RECV_B, sent_microbatch)
+                        lowered.append(receive)
+                        if message == needed:
+                            break
             lowered.append(action)
-            outgoing_action = _send_action(action, rank, schedule)
-            if outgoing_action is not None:
-                lowered.append(outgoing_action)
+            if target is not None and stage_rank[target] != rank:
+                lowered.append(Action(stage, send, microbatch))
         programs.append(tuple(lowered))
-    del placement
     return tuple(programs)
-
-
-def _incoming(action: Action, rank: int, schedule: Schedule) -> Message | None:
-    """The message ``action`` consumes from another rank, if any."""
-    placement = schedule.placement
-    microbatch = action.microbatch
-    if action.kind is Kind.F:
-        source = placement.prev_stage(action.stage)
-        direction = "F"
-    elif action.kind in (Kind.B, Kind.I):
-        source = placement.next_stage(action.stage)
-        direction = "B"
-    else:
-        return None
-    if source is None or placement.rank_of(source) == rank:
-        return None
-    assert microbatch is not None
-    return (placement.rank_of(source), rank, direction, source, microbatch)
-
-
-def _send_action(action: Action, rank: int, schedule: Schedule) -> Action | None:
-    placement = schedule.placement
-    if action.kind is Kind.F:
-        target, kind = placement.next_stage(action.stage), Kind.SEND_F
-    elif action.kind in (Kind.B, Kind.I):
-        target, kind = placement.prev_stage(action.stage), Kind.SEND_B
-    else:
-        return None
-    if target is None or placement.rank_of(target) == rank:
-        return None
-    return Action(action.stage, kind, action.microbatch)
-
-
-def _receive_action(message: Message, schedule: Schedule) -> Action:
-    _, _, direction, stage, microbatch = message
-    placement = schedule.placement
-    if direction == "F":
-        consumer = placement.next_stage(stage)
-        assert consumer is not None
-        return Action(consumer, Kind.RECV_F, microbatch)
-    consumer = placement.prev_stage(stage)
-    assert consumer is not None
-    return Action(consumer, Kind.RECV_B, microbatch)
 
 
 def _add_reduce_grad(
@@ -108,10 +85,10 @@ def _add_reduce_grad(
     finished: list[dict[int, int]] = []
     for program in programs:
         last: dict[int, int] = {}
-        for position, action in enumerate(program):
-            if action.kind in (Kind.B, Kind.W):
+        for position, (stage, kind, _) in enumerate(program):
+            if kind is Kind.B or kind is Kind.W:
                 after_send = position + 1 < len(program) and program[position + 1].kind is Kind.SEND_B
-                last[action.stage] = position + 1 if after_send else position
+                last[stage] = position + 1 if after_send else position
         finished.append(last)
     result = []
     for rank, program in enumerate(programs):
@@ -129,8 +106,11 @@ def _add_reduce_grad(
             cursor = max(cursor, finished[rank][stage])
             inserts[cursor].append(Action(stage, Kind.REDUCE_GRAD))
         lowered: list[Action] = []
-        for position, action in enumerate(program):
-            lowered.append(action)
-            lowered.extend(inserts.get(position, ()))
+        taken = 0
+        for position in sorted(inserts):
+            lowered += program[taken : position + 1]
+            lowered += inserts[position]
+            taken = position + 1
+        lowered += program[taken:]
         result.append(tuple(lowered))
     return tuple(result)
