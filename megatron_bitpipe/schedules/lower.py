@@ -49,9 +49,11 @@ def _add_comm(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
         for action in program:
             stage, kind, microbatch = action
             if kind is Kind.F:
-                source, target, direction, send = prev_stage[stage], next_stage[stage], "F", Kind.SEND_F
+                source, target, send = prev_stage[stage], next_stage[stage], Kind.SEND_F
+                direction = "F"
             elif kind is Kind.B or kind is Kind.I:
-                source, target, direction, send = next_stage[stage], prev_stage[stage], "B", Kind.SEND_B
+                source, target, send = next_stage[stage], prev_stage[stage], Kind.SEND_B
+                direction = "B"
             else:
                 lowered.append(action)
                 continue
@@ -63,11 +65,11 @@ def _add_comm(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
                         message = queue.popleft()
                         posted.add(message)
                         _, _, sent, producer, sent_microbatch = message
-                        if sent == "F":
-                            receive = Action(next_stage[producer], Kind.RECV_F, sent_microbatch)
-                        else:
-                            receive = Action(prev_stage[producer], Kind.RECV_B, sent_microbatch)
-                        lowered.append(receive)
+                        forward = sent == "F"
+                        consumer = next_stage[producer] if forward else prev_stage[producer]
+                        assert consumer is not None
+                        receive = Kind.RECV_F if forward else Kind.RECV_B
+                        lowered.append(Action(consumer, receive, sent_microbatch))
                         if message == needed:
                             break
             lowered.append(action)

@@ -206,25 +206,28 @@ def _check_local_order(schedule: Schedule) -> None:
 
 
 def messages_of(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
-    """Cross-rank messages per (sender, receiver), in the sender's compute order."""
+    """Cross-rank messages per (sender, receiver), in the sender's compute order.
+
+    Only F, B and I produce messages, so comm and sync actions are skipped as they come; stage
+    lookups are lists built once (this runs over every action of a 64 x 1024 schedule).
+    """
     placement = schedule.placement
+    stages = range(placement.num_stages)
+    stage_rank = [placement.rank_of(stage) for stage in stages]
+    next_stage = [placement.next_stage(stage) for stage in stages]
+    prev_stage = [placement.prev_stage(stage) for stage in stages]
     outgoing: dict[tuple[int, int], list[Message]] = defaultdict(list)
-    for rank, program in enumerate(schedule.compute_programs()):
-        for action in program:
-            assert action.microbatch is not None
-            if action.kind is Kind.F:
-                target = placement.next_stage(action.stage)
-                direction = "F"
-            elif action.kind in (Kind.B, Kind.I):
-                target = placement.prev_stage(action.stage)
-                direction = "B"
+    for rank, program in enumerate(schedule.programs):
+        for stage, kind, microbatch in program:
+            if kind is Kind.F:
+                target, direction = next_stage[stage], "F"
+            elif kind is Kind.B or kind is Kind.I:
+                target, direction = prev_stage[stage], "B"
             else:
                 continue
-            if target is not None and placement.rank_of(target) != rank:
-                receiver = placement.rank_of(target)
-                outgoing[(rank, receiver)].append(
-                    (rank, receiver, direction, action.stage, action.microbatch)
-                )
+            if target is not None and stage_rank[target] != rank:
+                receiver = stage_rank[target]
+                outgoing[(rank, receiver)].append((rank, receiver, direction, stage, microbatch))
     return outgoing
 
 
