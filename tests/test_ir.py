@@ -29,3 +29,11 @@ def test_csv_has_one_line_per_rank_and_parses_back():
     assert text.splitlines()[0].startswith("0F0,0F1,0F2,0F3,0B0,0F4")
     assert len(text.splitlines()) == 4
     assert parse_programs(text) == schedule.programs
+
+
+def test_registry_rejects_an_option_a_schedule_does_not_take_naming_the_flag():
+    from megatron_bitpipe.schedules import build
+    from megatron_bitpipe.schedules.errors import ScheduleConfigError
+
+    with pytest.raises(ScheduleConfigError, match=r"1f1b: --vp not accepted; this schedule takes: none"):
+        build("1f1b", 4, 8, vp=2)

@@ -58,9 +58,10 @@ def build(name: str, num_ranks: int, num_microbatches: int, **options: object) -
     given = {key: value for key, value in options.items() if value is not None}
     unknown = sorted(set(given) - set(spec.options))
     if unknown:
-        allowed = ", ".join(spec.options) or "none"
+        allowed = ", ".join(_flag(option) for option in spec.options) or "none"
         raise ScheduleConfigError(
-            f"{name}: option(s) {', '.join(unknown)} not accepted; this schedule takes: {allowed}"
+            f"{name}: {', '.join(_flag(option) for option in unknown)} not accepted; "
+            f"this schedule takes: {allowed}"
         )
     if num_ranks < 1:
         raise ScheduleConfigError(f"{name}: --pp {num_ranks} must be >= 1")
@@ -81,6 +82,11 @@ GENERATOR_MODULES = (
     "chimera",
     "bitpipe",
 )
+
+
+def _flag(option: str) -> str:
+    """The CLI spelling of a generator option: ``microbatch_group_size`` -> ``--microbatch-group-size``."""
+    return "--" + option.replace("_", "-")
 
 
 def _load_generators() -> None:
