@@ -1,0 +1,209 @@
+"""The runtime's StageCallbacks, built on megatron-core's forward_step / backward_step.
+
+Microbatch ``m`` of the global batch is microbatch ``m`` whichever pipeline carries it: every
+chunk that holds a first or last stage draws all N microbatches from its data iterator once per
+step (in order 0..N-1) and is handed item ``m`` when it runs microbatch ``m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from megatron.core.pipeline_parallel import schedules
+
+# torch's own I/W split (zero-bubble schedules); private, present since torch 2.5
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+from megatron_bitpipe.mcore import compat
+from megatron_bitpipe.mcore.cpu import compute_device
+from megatron_bitpipe.mcore.model import unwrap
+from megatron_bitpipe.schedules.placement import Placement
+
+
+class MicrobatchFeed:
+    """Per-chunk access to microbatch ``m`` of this step's data.
+
+    ``data_iterator`` is one iterator, or one per chunk (megatron's interleaved convention);
+    chunks sharing one iterator object share what is drawn from it.
+    """
+
+    def __init__(
+        self,
+        data_iterator: Any,
+        needs_data: Sequence[bool],
+        num_microbatches: int,
+    ) -> None:
+        per_chunk = (
+            data_iterator if isinstance(data_iterator, list) else [data_iterator] * len(needs_data)
+        )
+        if len(per_chunk) != len(needs_data):
+            raise ValueError(
+                f"got {len(per_chunk)} data iterators for {len(needs_data)} model chunks"
+            )
+        drawn: dict[int, list[Any]] = {}
+        self._batches: list[list[Any] | None] = []
+        for iterator, needed in zip(per_chunk, needs_data, strict=True):
+            if not needed or iterator is None:
+                self._batches.append(None)
+                continue
+            if id(iterator) not in drawn:
+                drawn[id(iterator)] = [next(iterator) for _ in range(num_microbatches)]
+            self._batches.append(drawn[id(iterator)])
+
+    def iterator(self, chunk: int, microbatch: int) -> Iterator[Any] | None:
+        """An iterator yielding exactly microbatch ``microbatch`` for ``chunk`` (None: no data)."""
+        batches = self._batches[chunk]
+        return None if batches is None else iter([batches[microbatch]])
+
+
+@dataclass
+class MegatronCallbacks:
+    """One rank's model work for the Executor, for one forward_backward call.
+
+    ``loss_scale`` multiplies each microbatch's loss before backward: the number of replicas of
+    each stage, so that DDP's average over the gradient group (replicas x data parallel) is a
+    sum over the replicas and an average over data parallel.
+    """
+
+    model: Sequence[torch.nn.Module]
+    placement: Placement
+    config: Any
+    forward_step_func: Callable[..., Any]
+    feed: MicrobatchFeed
+    num_microbatches: int
+    cp_group_size: int
+    loss_scale: float = 1.0
+    forward_only: bool = False
+    collect_non_loss_data: bool = False
+    first_microbatch: dict[int, int] = field(default_factory=dict)
+    first_val_step: bool | None = None
+    outputs: list[tuple[int, Any]] = field(default_factory=list)
+    total_num_tokens: torch.Tensor = field(
+        default_factory=lambda: torch.zeros([], dtype=torch.int, device=compute_device())
+    )
+    _split_state: dict[tuple[int, int], Any] = field(default_factory=dict)
+
+    def forward(
+        self, stage: int, microbatch: int, input_tensor: torch.Tensor | None
+    ) -> torch.Tensor:
+        """megatron's forward_step on the stage's chunk; the last stage returns the scaled loss."""
+        chunk = self.placement.chunk_of(stage)
+        store: list[Any] = []
+        is_first = schedules.check_first_val_step(
+            self.first_val_step, self.forward_only, self.first_microbatch.get(stage) == microbatch
+        )
+        output_tensor, num_tokens = schedules.forward_step(
+            self.forward_step_func,
+            self.feed.iterator(chunk, microbatch),
+            self.model[chunk],
+            self.num_microbatches,
+            input_tensor,
+            store,
+            self.config,
+            self.cp_group_size,
+            collect_non_loss_data=self.collect_non_loss_data,
+            is_first_microbatch=is_first,
+            current_microbatch=microbatch,
+            vp_stage=getattr(unwrap(self.model[chunk]), "vp_stage", None),
+            is_last_stage=self.placement.is_last(stage),
+        )
+        self.outputs.extend((microbatch, item) for item in store)
+        self.total_num_tokens += num_tokens.to(self.total_num_tokens.device)
+        if self.placement.is_last(stage) and self.loss_scale != 1.0 and not self.forward_only:
+            output_tensor = output_tensor * self.loss_scale
+        return output_tensor
+
+    def backward(
+        self,
+        stage: int,
+        microbatch: int,
+        input_tensor: torch.Tensor | None,
+        output_tensor: torch.Tensor,
+        output_grad: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """megatron's backward_step; returns the gradient for the previous stage.
+
+        The output's data is released first, as megatron's schedules do after its send: by now
+        the send is complete (the gradient came back) and a same-rank consumer holds an alias.
+        """
+        chunk = self.model[self.placement.chunk_of(stage)]
+        if output_grad is not None:
+            schedules.deallocate_output_tensor(
+                output_tensor, self.config.deallocate_pipeline_outputs
+            )
+        return compat.backward_step(chunk, input_tensor, output_tensor, output_grad, self.config)
+
+    def backward_input(
+        self,
+        stage: int,
+        microbatch: int,
+        input_tensor: torch.Tensor | None,
+        output_tensor: torch.Tensor,
+        output_grad: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Input gradient only (torch.distributed.pipelining's split); W reuses saved state.
+
+        A first stage has no input gradient to produce: its whole backward runs at W.
+        """
+        if input_tensor is None:
+            return None
+        if output_grad is None and self.config.grad_scale_func is not None:
+            output_tensor = self.config.grad_scale_func(output_tensor)
+        weights = self._weights(stage)
+        grads = None if output_grad is None else [output_grad]
+        input_grads, param_groups = stage_backward_input(
+            [output_tensor], grads, [input_tensor], iter(weights)
+        )
+        covered = {id(node) for group in param_groups for node in group["params"]}
+        if len(covered) != len(weights):
+            raise RuntimeError(
+                f"stage {stage}: {len(weights) - len(covered)} of {len(weights)} parameters do "
+                f"not depend on the stage input, so the I/W split cannot find their gradients"
+            )
+        self._split_state[(stage, microbatch)] = param_groups
+        return input_grads[0]
+
+    def backward_weight(
+        self,
+        stage: int,
+        microbatch: int,
+        input_tensor: torch.Tensor | None,
+        output_tensor: torch.Tensor,
+        output_grad: torch.Tensor | None,
+    ) -> None:
+        """Weight gradients of a split backward, accumulated into DDP's ``main_grad``."""
+        if input_tensor is None:
+            self.backward(stage, microbatch, input_tensor, output_tensor, output_grad)
+            return
+        weights = self._weights(stage)
+        stage_backward_weight(iter(weights), self._split_state.pop((stage, microbatch)))
+        _move_grads_to_main_grad(weights)
+
+    def _weights(self, stage: int) -> list[torch.nn.Parameter]:
+        chunk = self.model[self.placement.chunk_of(stage)]
+        return [param for param in chunk.parameters() if param.requires_grad]
+
+    def reduce_grad(self, stage: int) -> None:
+        """Start the chunk's async gradient reduction (DDP with overlap_grad_reduce only).
+
+        Without overlap, megatron's DDP reduces synchronously in finish_grad_sync, so starting
+        here as well would reduce twice.
+        """
+        chunk = self.model[self.placement.chunk_of(stage)]
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_grad_reduce:
+            chunk.start_grad_sync()
+
+
+def _move_grads_to_main_grad(weights: Sequence[torch.nn.Parameter]) -> None:
+    """What megatron DDP's grad-accumulation hook does, for grads set by autograd.grad."""
+    with torch.no_grad():
+        for param in weights:
+            main_grad = getattr(param, "main_grad", None)
+            if main_grad is None or param.grad is None:
+                continue
+            main_grad.add_(param.grad)
+            param.grad = None

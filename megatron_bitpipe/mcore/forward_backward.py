@@ -1,0 +1,332 @@
+"""megatron-core's forward_backward contract, running any registered schedule.
+
+    install(schedule="bitpipe")                # get_forward_backward_func() now returns ours
+    losses = get_forward_backward_func()(forward_step_func=..., data_iterator=..., model=chunks,
+                                         num_microbatches=N, seq_length=s, micro_batch_size=b)
+
+Roughly: plan the schedule for (D, N) with the registry and lower it (cached), build the
+MegatronCallbacks for this call, run this rank's program with the runtime Executor, then
+finalize gradients (finish the replica / data-parallel reductions the REDUCE_GRAD actions
+started, tie local embeddings) and return the loss dicts of every microbatch on ranks that
+compute a loss ([] elsewhere), in microbatch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import get_model_config
+
+from megatron_bitpipe.mcore.callbacks import MegatronCallbacks, MicrobatchFeed
+from megatron_bitpipe.mcore.cpu import compute_device
+from megatron_bitpipe.mcore.model import tie_embedding_grads, tied_embedding_pairs, unwrap
+from megatron_bitpipe.runtime import P2P, Executor, build_channels, forward_program, message_pairs
+from megatron_bitpipe.schedules import Action, Kind, Placement, Schedule, build, get, lower
+
+_PATCH_SITES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel",
+    "megatron.training.training",
+)
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """The schedule ``get_forward_backward_func`` runs: a registry name and its options."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class _State:
+    choice: ScheduleChoice | None = None
+    originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    channels: dict[tuple[Any, ...], dict[tuple[int, int], dist.ProcessGroup]] = field(
+        default_factory=dict
+    )
+    last_executor: Executor | None = None
+
+
+_STATE = _State()
+
+
+@functools.lru_cache(maxsize=64)
+def plan(
+    choice: ScheduleChoice, num_ranks: int, num_microbatches: int
+) -> tuple[Schedule, Schedule]:
+    """(compute-only, lowered) schedule; errors name the setting and the rule."""
+    schedule = build(choice.name, num_ranks, num_microbatches, **dict(choice.options))
+    return schedule, lower(schedule, grad_sync=True)
+
+
+def forward_backward_func(
+    *,
+    forward_step_func: Callable[..., Any],
+    data_iterator: Any,
+    model: Any,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    decoder_seq_length: int | None = None,
+    forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    first_val_step: bool | None = None,
+    **rest: Any,
+) -> list[Any]:
+    """Run one step of the installed schedule; megatron-core's signature and return value.
+
+    ``model`` is this rank's chunk list in placement order (``mcore.model.build_chunks``),
+    DDP-wrapped over the gradient groups for bidirectional schedules. Extra keywords:
+    ``schedule`` (a ScheduleChoice, default the installed one), ``pg_collection``,
+    ``force_all_reduce``; megatron's ``adjust_tensor_shapes_fn`` / ``p2p_communicator`` must
+    be None.
+    """
+    choice, pg_collection, force_all_reduce = _extra_arguments(rest)
+    chunks = model if isinstance(model, list) else [model]
+    config = get_model_config(chunks[0])
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    schedule, lowered = plan(choice, pp_group.size(), num_microbatches)
+    placement, program = schedule.placement, lowered.programs[pp_rank]
+    _check_model(chunks, placement, pp_rank, forward_only)
+    if config.calculate_per_token_loss and placement.num_pipelines > 1:
+        raise NotImplementedError(f"{choice.name}: calculate_per_token_loss with two pipelines")
+    if config.timers is not None:
+        config.timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
+    callbacks = MegatronCallbacks(
+        model=chunks,
+        placement=placement,
+        config=config,
+        forward_step_func=forward_step_func,
+        feed=_feed(data_iterator, placement, pp_rank, num_microbatches),
+        num_microbatches=num_microbatches,
+        cp_group_size=parallel_state.get_context_parallel_world_size(),
+        loss_scale=float(placement.num_pipelines),
+        forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
+        first_microbatch=_first_forward(program),
+        first_val_step=first_val_step,
+    )
+    shape = _activation_shape(config, decoder_seq_length or seq_length, micro_batch_size)
+    executor = Executor(
+        placement, pp_rank, callbacks, _p2p(placement, pp_rank, pp_group, shape, config)
+    )
+    _STATE.last_executor = executor
+    if forward_only:
+        with torch.no_grad():
+            executor.run(forward_program(program), forward_only=True)
+    else:
+        with _no_sync(chunks):
+            executor.run(program)
+        _finalize(chunks, placement, config, callbacks, pg_collection, force_all_reduce)
+    if config.timers is not None:
+        config.timers("forward-backward").stop()
+    return _gather_losses(callbacks.outputs, placement, pp_rank, pp_group)
+
+
+def _extra_arguments(rest: dict[str, Any]) -> tuple[ScheduleChoice, Any, bool]:
+    """(schedule, pg_collection, force_all_reduce) from the keywords beyond the common ones."""
+    choice = rest.pop("schedule", None) or _STATE.choice
+    if choice is None:
+        raise RuntimeError(
+            "no schedule installed: call megatron_bitpipe.mcore.install(schedule=...)"
+        )
+    pg_collection = rest.pop("pg_collection", None)
+    force_all_reduce = bool(rest.pop("force_all_reduce", False))
+    for unsupported in ("adjust_tensor_shapes_fn", "p2p_communicator"):
+        if rest.pop(unsupported, None) is not None:
+            raise NotImplementedError(f"{choice.name}: {unsupported} is not supported")
+    if rest:
+        raise TypeError(
+            f"forward_backward_func got unexpected arguments: {', '.join(sorted(rest))}"
+        )
+    return choice, pg_collection, force_all_reduce
+
+
+def _p2p(
+    placement: Placement,
+    pp_rank: int,
+    pp_group: dist.ProcessGroup,
+    shape: tuple[int, ...],
+    config: Any,
+) -> P2P:
+    """Order-matched p2p over the pipeline group; every message is one activation-shaped tensor."""
+    dtype = config.pipeline_dtype or config.params_dtype
+    device = compute_device()
+    return P2P(
+        placement,
+        pp_rank,
+        lambda action: torch.empty(shape, dtype=dtype, device=device),
+        group=pp_group,
+        channels=_channels(placement, pp_group),
+    )
+
+
+def last_executor() -> Executor | None:
+    """The Executor of the latest call on this process (its ``trace`` / ``chrome_trace``)."""
+    return _STATE.last_executor
+
+
+def _check_model(chunks: list[Any], placement: Placement, pp_rank: int, forward_only: bool) -> None:
+    expected = placement.rank_stages[pp_rank]
+    if len(chunks) != len(expected):
+        raise ValueError(
+            f"pipeline rank {pp_rank} of the {placement.kind} placement holds {len(expected)} "
+            f"chunks, but model has {len(chunks)}: build it with mcore.model.build_chunks"
+        )
+    for chunk, stage in zip(chunks, expected, strict=True):
+        built_for = getattr(unwrap(chunk), "bitpipe_stage", None)
+        if built_for is None and placement.kind == "looped":
+            continue
+        if built_for != stage:
+            raise ValueError(
+                f"pipeline rank {pp_rank}: the chunk for stage {stage} was built for {built_for}; "
+                f"build the model with mcore.model.build_chunks for the {placement.kind} placement"
+            )
+    if placement.num_pipelines > 1 and not forward_only:
+        for chunk in chunks:
+            if not hasattr(chunk, "start_grad_sync"):
+                raise ValueError(
+                    f"{placement.kind}: wrap every chunk with mcore.groups.wrap_ddp so the two "
+                    f"replicas of each stage average their gradients"
+                )
+
+
+def _feed(
+    data_iterator: Any, placement: Placement, pp_rank: int, num_microbatches: int
+) -> MicrobatchFeed:
+    """Chunks holding a first or last stage read data (tokens, or labels and loss mask)."""
+    needs_data = [
+        placement.is_first(stage) or placement.is_last(stage)
+        for stage in placement.rank_stages[pp_rank]
+    ]
+    return MicrobatchFeed(data_iterator, needs_data, num_microbatches)
+
+
+def _first_forward(program: tuple[Action, ...]) -> dict[int, int]:
+    """Stage -> microbatch of its first forward on this rank (megatron's is_first_microbatch)."""
+    first: dict[int, int] = {}
+    for action in program:
+        if action.kind is Kind.F:
+            first.setdefault(action.stage, action.microbatch)
+    return first
+
+
+def _activation_shape(config: Any, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
+    """What megatron's get_tensor_shapes gives: (seq / cp [/ tp with SP], micro-batch, hidden)."""
+    length = seq_length // parallel_state.get_context_parallel_world_size()
+    if config.sequence_parallel:
+        length //= parallel_state.get_tensor_model_parallel_world_size()
+    return (length, micro_batch_size, config.hidden_size)
+
+
+def _channels(
+    placement: Placement, pp_group: dist.ProcessGroup
+) -> dict[tuple[int, int], dist.ProcessGroup] | None:
+    """One NCCL group per direction of each pair (NCCL serialises a shared communicator)."""
+    if dist.get_backend(pp_group) != "nccl":
+        return None
+    key = (placement, *dist.get_process_group_ranks(pp_group))
+    if key not in _STATE.channels:
+        pipelines: list[list[int]] = [[]] * dist.get_world_size()
+        dist.all_gather_object(pipelines, dist.get_process_group_ranks(pp_group))
+        unique = sorted({tuple(ranks) for ranks in pipelines})
+        _STATE.channels[key] = build_channels(message_pairs(placement), [list(r) for r in unique])
+    return _STATE.channels[key]
+
+
+def _no_sync(chunks: list[Any]) -> contextlib.ExitStack:
+    """Hold back DDP's per-bucket launches: REDUCE_GRAD and finalize decide when to reduce."""
+    stack = contextlib.ExitStack()
+    for chunk in chunks:
+        if hasattr(chunk, "no_sync"):
+            stack.enter_context(chunk.no_sync())
+    return stack
+
+
+def _finalize(
+    chunks: list[Any],
+    placement: Placement,
+    config: Any,
+    callbacks: MegatronCallbacks,
+    pg_collection: Any,
+    force_all_reduce: bool,
+) -> None:
+    """finalize_model_grads over chunks in stage-position order (the order replicas share)."""
+    if config.finalize_model_grads_func is None:
+        if tied_embedding_pairs(chunks):
+            raise RuntimeError(
+                f"{placement.kind}: locally tied embeddings need config.finalize_model_grads_func "
+                f"(megatron.core.distributed.finalize_model_grads)"
+            )
+        return
+    ordered = chunks
+    if placement.num_pipelines > 1:
+        ordered = sorted(chunks, key=lambda chunk: placement.position(unwrap(chunk).bitpipe_stage))
+    num_tokens = callbacks.total_num_tokens if config.calculate_per_token_loss else None
+    config.finalize_model_grads_func(
+        ordered, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce
+    )
+    tie_embedding_grads(chunks)
+
+
+def _gather_losses(
+    outputs: list[tuple[int, Any]], placement: Placement, pp_rank: int, pp_group: dist.ProcessGroup
+) -> list[Any]:
+    """All N loss dicts in microbatch order on the loss ranks and the last pipeline rank.
+
+    megatron's training loop logs what the last pipeline rank returns; when the heads live
+    elsewhere (V shape: rank 0) or on two ranks (Chimera, BitPipe), the dicts are exchanged
+    over the pipeline group. Other ranks get [].
+    """
+    loss_ranks = {
+        placement.rank_of(stage)
+        for stage in range(placement.num_stages)
+        if placement.is_last(stage)
+    }
+    last_rank = placement.num_ranks - 1
+    if loss_ranks != {last_rank}:
+        everyone: list[Any] = [None] * pp_group.size()
+        dist.all_gather_object(everyone, outputs, group=pp_group)
+        outputs = [pair for part in everyone for pair in part]
+    if pp_rank not in loss_ranks | {last_rank}:
+        return []
+    return [item for _, item in sorted(outputs, key=lambda pair: pair[0])]
+
+
+def install(schedule: str = "bitpipe", **options: Any) -> None:
+    """Make megatron-core's get_forward_backward_func (and Megatron-LM's) return ours."""
+    get(schedule)
+    _STATE.choice = ScheduleChoice(schedule, tuple(sorted(options.items())))
+
+    def get_forward_backward_func(*args: Any, **kwargs: Any) -> Callable[..., list[Any]]:
+        return forward_backward_func
+
+    for module_name in _PATCH_SITES:
+        module = sys.modules.get(module_name)
+        if module is None or not hasattr(module, "get_forward_backward_func"):
+            continue
+        _STATE.originals.setdefault(module_name, module.get_forward_backward_func)
+        module.get_forward_backward_func = get_forward_backward_func
+
+
+def uninstall() -> None:
+    """Restore megatron's own get_forward_backward_func everywhere ``install`` patched it."""
+    for module_name, original in _STATE.originals.items():
+        sys.modules[module_name].get_forward_backward_func = original
+    _STATE.originals.clear()
+    _STATE.choice = None
+
+
+def installed() -> ScheduleChoice | None:
+    """The schedule ``install`` chose, or None."""
+    return _STATE.choice

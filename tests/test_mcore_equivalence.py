@@ -1,0 +1,168 @@
+"""The oracle (DESIGN.md): every schedule and layout trains like one process does.
+
+Each launch runs ``megatron_bitpipe.train`` on CPU/gloo with several schedules one after the
+other in one process group (same initial weights, same data), and every schedule is compared with
+``--pipeline-schedule none`` on one process (megatron-core's forward_backward_no_pipelining):
+
+* the ``lm loss`` log line of every iteration and the validation loss (a forward-only step):
+  1e-5 relative;
+* the reduced gradients of iteration 1 (without a distributed optimizer): 1e-5 of each tensor's
+  largest value;
+* the parameters after three Adam steps: 1e-5 of each tensor's largest value, plus 1e-3 x lr.
+  Adam divides by sqrt(v) + eps, so a gradient that is ~0 up to fp32 rounding (the key bias is
+  exactly 0 in theory) turns its rounding noise into an update of up to ~lr x noise / eps;
+  parameters that start at 0 cannot match to a relative tolerance. eps = 1e-6 (far below the
+  real gradients, ~1e-4) keeps that noise ~1e-4 x lr; a wrong gradient moves them by ~lr.
+
+Bidirectional schedules also log that the two replicas of every stage are bitwise identical
+(training raises otherwise). Spawning costs ~15 s per launch on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+REPO = Path(__file__).resolve().parents[1]
+LR = 1e-4
+MODEL = (
+    "--num-layers 16 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --vocab-size 64 "
+    "--micro-batch-size 2 --global-batch-size 16 --train-iters 3 --eval-iters 1 "
+    f"--lr {LR} --adam-eps 1e-6 --seed 1234"
+).split()
+BIDIRECTIONAL = {"bitpipe", "bitpipe-official", "chimera"}
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
+
+
+def launch(processes: int, arguments: list[str], timeout: int = 420) -> str:
+    """Run the trainer (torchrun for several processes); return its stdout, fail with its tail."""
+    trainer = ["-m", "megatron_bitpipe.train"]
+    if processes > 1:
+        launcher = f"-m torch.distributed.run --standalone --nproc-per-node={processes}".split()
+        trainer = launcher + trainer
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    result = subprocess.run(
+        [sys.executable, *trainer, *MODEL, *arguments],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result.stdout
+
+
+def sections(log: str) -> dict[str, str]:
+    """The log split at the ``schedule NAME`` lines a multi-schedule launch prints."""
+    parts = re.split(r"^schedule (\S+)$", log, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def logged_losses(log: str) -> list[float]:
+    return [float(value) for _, value in LOSS.findall(log)]
+
+
+def worst_relative(reference: dict, other: dict) -> float:
+    """max over tensors of max|a - b| / max|a|."""
+    assert set(reference) == set(other), sorted(set(reference) ^ set(other))
+    return max(
+        float((reference[n] - other[n]).abs().max() / reference[n].abs().max().clamp_min(1e-30))
+        for n in reference
+    )
+
+
+def assert_matches(
+    reference: dict, saved: dict, reference_log: str, log: str, schedule: str
+) -> None:
+    assert logged_losses(log) == pytest.approx(logged_losses(reference_log), rel=1e-5), schedule
+    assert saved["lm_loss"] == pytest.approx(reference["lm_loss"], rel=1e-5), schedule
+    assert saved["validation_lm_loss"] == pytest.approx(reference["validation_lm_loss"], rel=1e-5)
+    if saved["first_gradients"]:
+        assert worst_relative(reference["first_gradients"], saved["first_gradients"]) < 1e-5, (
+            schedule
+        )
+    expected, found = reference["parameters"], saved["parameters"]
+    assert set(expected) == set(found), sorted(set(expected) ^ set(found))
+    for name, value in expected.items():
+        bound = 1e-5 * float(value.abs().max()) + 1e-3 * LR
+        assert float((value - found[name]).abs().max()) <= bound, f"{schedule}: {name}"
+    if schedule in BIDIRECTIONAL:
+        assert "the replicas of every stage are bitwise identical" in log, schedule
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[bool, tuple[dict, str]]:
+    """Single-process runs, tied and untied embeddings: (saved file, log)."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = {}
+    for untied in (False, True):
+        path = folder / f"untied{untied}.pt"
+        extra = ["--untie-embeddings-and-output-weights"] if untied else []
+        log = launch(1, ["--pipeline-schedule", "none", "--save-params", str(path), *extra])
+        result[untied] = (torch.load(path), log)
+    return result
+
+
+LAYOUTS = {
+    # name: (processes, arguments, schedules run one after the other)
+    "pp2-untied": (
+        2,
+        "--pipeline-model-parallel-size 2 --untie-embeddings-and-output-weights",
+        "bitpipe chimera v-zb 1f1b zb-h1",
+    ),
+    "pp4-overlap": (
+        4,
+        "--pipeline-model-parallel-size 4 --overlap-grad-reduce "
+        "--virtual-pipeline-model-parallel-size 2",
+        "bitpipe 1f1b v-half v-zb interleaved-1f1b chimera megatron-interleaved",
+    ),
+    "tp2-pp2-sequence-parallel": (
+        4,
+        "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel",
+        "bitpipe 1f1b",
+    ),
+    "tp2-pp2": (
+        4,
+        "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2",
+        "bitpipe megatron-1f1b",
+    ),
+    "dp2-pp2-overlap-distributed-optimizer": (
+        4,
+        "--pipeline-model-parallel-size 2 --overlap-grad-reduce --use-distributed-optimizer",
+        "bitpipe v-zb",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_schedule_trains_like_one_process(layout, references, tmp_path):
+    processes, arguments, names = LAYOUTS[layout]
+    schedules = names.split()
+    reference, reference_log = references["--untie-embeddings-and-output-weights" in arguments]
+    saved, trace = str(tmp_path / "{schedule}.pt"), str(tmp_path / "{schedule}.json")
+    outputs = ["--save-params", saved, "--trace", trace]
+    log = launch(
+        processes, [*arguments.split(), "--pipeline-schedule", ",".join(schedules), *outputs]
+    )
+    by_schedule = sections(log)
+    assert list(by_schedule) == schedules
+    for schedule in schedules:
+        result = torch.load(saved.replace("{schedule}", schedule))
+        assert_matches(reference, result, reference_log, by_schedule[schedule], schedule)
+        if not schedule.startswith("megatron-"):
+            assert Path(trace.replace("{schedule}", schedule)).stat().st_size > 0
