@@ -35,6 +35,7 @@ from megatron_bitpipe.mcore.groups import (
     wrap_ddp,
 )
 from megatron_bitpipe.mcore.model import StageLayout, build_chunks, unwrap
+from megatron_bitpipe.schedules.simulate import peak_activations
 
 if TYPE_CHECKING:
     from megatron_bitpipe.train import RunPlan
@@ -100,6 +101,8 @@ def _run_schedule(session: _Session) -> None:
     """Train, evaluate, check the replicas, save; uninstall the schedule afterwards."""
     args, plan = session.args, session.plan
     losses, first_gradients = _train(session)
+    if plan.uses_registry:
+        _check_stash_against_simulation(session)
     validation = _evaluate(session) if args.eval_iters else None
     assert_replicas_identical(session.model, session.groups)
     if plan.placement.num_pipelines > 1:
@@ -119,6 +122,24 @@ def _run_schedule(session: _Session) -> None:
             }
             torch.save(saved, plan.output_path(args.save_params))
     forward_backward.uninstall()
+
+
+def _check_stash_against_simulation(session: _Session) -> None:
+    """The most activations any rank stashed in the last step equals the simulator's prediction."""
+    plan = session.plan
+    choice = forward_backward.ScheduleChoice(plan.schedule, tuple(plan.schedule_options))
+    schedule, _ = forward_backward.plan(choice, plan.placement.num_ranks, plan.num_microbatches)
+    executor = forward_backward.last_executor()
+    assert executor is not None
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    measured: list[int] = [0] * pp_group.size()
+    dist.all_gather_object(measured, executor.peak_live_activations, group=pp_group)
+    simulated = list(peak_activations(schedule))
+    _log(f"stashed activations per pipeline rank: measured {measured}, simulated {simulated}")
+    if measured != simulated:
+        raise RuntimeError(
+            f"{plan.schedule}: measured stash peaks {measured} differ from the simulated {simulated}"
+        )
 
 
 def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
