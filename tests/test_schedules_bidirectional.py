@@ -250,9 +250,9 @@ def test_steady_state_alternates_one_forward_and_one_backward():
     assert "FF" not in middle and "BB" not in middle
 
 
-def test_bitpipe_switches_to_the_steady_state_only_where_it_is_faster():
+def test_bitpipe_switches_to_the_reordered_steady_state_only_where_it_is_faster():
     assert dict(build("bitpipe", 8, 16).options)["order"] == "official"
-    assert dict(build("bitpipe", 8, 32).options)["order"] == "steady"
+    assert dict(build("bitpipe", 8, 32).options)["order"] == "reordered"
 
 
 @pytest.mark.parametrize(
@@ -267,3 +267,64 @@ def test_max_inflight_of_half_d_gives_the_official_order():
     ours = build("bitpipe", 8, 64, max_inflight=4)
     assert ours.programs == build("bitpipe-official", 8, 64).programs
     assert dict(ours.options) == {"max_inflight": 4, "order": "official"}
+
+
+# --- the steady state with reordered warm-up and cool-down (N >= 4D) -------------------------
+
+REORDERED_GRID = [(d, k * d) for d in (4, 6, 8, 12, 16) for k in (4, 5, 6, 8)]
+# idle per rank with F=1, B=2, the same for every N >= 4D (steady state alone: 4D-4 or 4D-8)
+REORDERED_IDLE = {4: 6, 6: 9, 8: 15, 12: 24, 16: 34}
+
+
+@pytest.mark.parametrize(("num_ranks", "num_microbatches"), REORDERED_GRID)
+def test_spliced_ends_equal_a_direct_reorder(num_ranks, num_microbatches):
+    steady = bitpipe.steady_programs(num_ranks, num_microbatches)
+    direct = bitpipe.reorder_ends(num_ranks, steady)
+    assert bitpipe.reordered_programs(num_ranks, num_microbatches) == direct
+
+
+@pytest.mark.parametrize(("num_ranks", "num_microbatches"), REORDERED_GRID)
+def test_reordered_order_validates_lowers_and_validates_again(num_ranks, num_microbatches):
+    schedule = build("bitpipe", num_ranks, num_microbatches)
+    assert dict(schedule.options)["order"] == "reordered"
+    lowered = lower(schedule)
+    validate(lowered)
+    assert lowered.compute_programs() == schedule.programs
+
+
+@pytest.mark.parametrize(("num_ranks", "num_microbatches"), REORDERED_GRID)
+def test_reordered_idle_is_the_pinned_flat_figure(num_ranks, num_microbatches):
+    schedule = build("bitpipe", num_ranks, num_microbatches)
+    assert idle(schedule) == REORDERED_IDLE[num_ranks]
+    assert bitpipe.reordered_ends(num_ranks).idle == REORDERED_IDLE[num_ranks]
+    assert idle(schedule) < bitpipe.steady_idle(num_ranks)
+    assert idle(schedule) < bitpipe.official_idle(num_ranks, num_microbatches)
+
+
+@pytest.mark.parametrize(("num_ranks", "num_microbatches"), REORDERED_GRID)
+def test_reordered_order_stashes_at_most_2d_and_is_never_slower(num_ranks, num_microbatches):
+    ours = simulate(build("bitpipe", num_ranks, num_microbatches), CHUNK_COSTS)
+    official = simulate(build("bitpipe-official", num_ranks, num_microbatches), CHUNK_COSTS)
+    assert max(ours.peak_activations) <= 2 * num_ranks
+    assert ours.makespan < official.makespan
+
+
+def test_reordered_ends_only_change_the_first_and_last_6d_actions():
+    steady = bitpipe.steady_programs(8, 64)
+    reordered = bitpipe.reordered_programs(8, 64)
+    for before, after in zip(steady, reordered, strict=True):
+        assert after[48:-48] == before[48:-48]
+        assert sorted(after[:48]) == sorted(before[:48])
+        assert sorted(after[-48:]) == sorted(before[-48:])
+
+
+def test_reordered_ends_at_64_ranks():
+    ends = bitpipe.reordered_ends(64)
+    assert ends.idle == 143
+    assert ends.idle < bitpipe.official_idle(64, 256)
+
+
+@pytest.mark.parametrize(("num_ranks", "num_microbatches"), [(4, 16), (8, 32)])
+def test_max_inflight_below_d_keeps_the_official_order_at_4d(num_ranks, num_microbatches):
+    ours = build("bitpipe", num_ranks, num_microbatches, max_inflight=num_ranks - 1)
+    assert ours.programs == build("bitpipe-official", num_ranks, num_microbatches).programs
