@@ -23,7 +23,9 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class MockGPTData:
-    """Random token sequences; ``tokens`` and ``labels`` are one sequence shifted by one."""
+    """Learnable mock text: each sequence counts from a random start in a random step, modulo the
+    vocabulary (``s, s+d, s+2d, ...``), so the loss falls as the model learns to continue it.
+    ``tokens`` and ``labels`` are one sequence shifted by one."""
 
     seed: int
     vocab_size: int
@@ -40,9 +42,11 @@ class MockGPTData:
         generator = torch.Generator(device="cpu").manual_seed(
             int.from_bytes(digest[:8], "little") >> 1
         )
-        sequence = torch.randint(
-            0, self.vocab_size, (self.micro_batch_size, self.seq_length + 1), generator=generator
+        start, step = torch.randint(
+            0, self.vocab_size, (2, self.micro_batch_size, 1), generator=generator
         )
+        offsets = torch.arange(self.seq_length + 1).unsqueeze(0)
+        sequence = (start + (step % 7 + 1) * offsets) % self.vocab_size
         positions = torch.arange(self.seq_length).unsqueeze(0).expand(self.micro_batch_size, -1)
         batch = {
             "tokens": sequence[:, :-1].contiguous(),

@@ -172,7 +172,7 @@ def _p2p(
 
 
 def last_executor() -> Executor | None:
-    """The Executor of the latest call on this process (its ``trace`` / ``chrome_trace``)."""
+    """The Executor of the latest call on this process (its ``trace`` and ``peak_live_activations``)."""
     return _STATE.last_executor
 
 

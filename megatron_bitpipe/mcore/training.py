@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -35,7 +34,8 @@ from megatron_bitpipe.mcore.groups import (
     wrap_ddp,
 )
 from megatron_bitpipe.mcore.model import StageLayout, build_chunks, unwrap
-from megatron_bitpipe.schedules.simulate import peak_activations
+from megatron_bitpipe.schedules import Action, render
+from megatron_bitpipe.schedules.simulate import Event, peak_activations
 
 if TYPE_CHECKING:
     from megatron_bitpipe.train import RunPlan
@@ -192,7 +192,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
             losses.append(loss)
         _log(_format_log_line(session, iteration, elapsed_ms, loss))
         if trace_origin is not None:
-            _write_trace(plan.output_path(args.trace), trace_origin)
+            _write_trace(plan.output_path(args.trace), trace_origin, plan)
     return losses, first_gradients
 
 
@@ -334,14 +334,37 @@ def _trace_origin() -> float:
     return time.perf_counter()
 
 
-def _write_trace(path: str, origin: float) -> None:
-    """Every rank's measured action spans (pid = global rank) as Chrome trace JSON, by rank 0."""
+def _write_trace(path: str, origin: float, plan: RunPlan) -> None:
+    """Every rank's measured compute spans of the last step (one track per global rank), written
+    by rank 0 as Chrome trace JSON to ``path`` and, with matplotlib, as a timeline PNG beside it."""
     executor = forward_backward.last_executor()
-    events = executor.chrome_trace(origin) if executor is not None else []
-    for event in events:
-        event["pid"] = dist.get_rank()
+    trace = executor.trace if executor is not None else []
+    spans = [
+        (str(event.action), event.start - origin, event.end - origin)
+        for event in trace
+        if event.action.is_compute
+    ]
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.gather_object(events, everyone if dist.get_rank() == 0 else None, dst=0)
-    if dist.get_rank() == 0:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump({"traceEvents": [event for part in everyone for event in part]}, handle)
+    dist.gather_object(spans, everyone if dist.get_rank() == 0 else None, dst=0)
+    if dist.get_rank() != 0:
+        return
+    events = [
+        Event(rank, Action.parse(action), start, end)
+        for rank, part in enumerate(everyone)
+        for action, start, end in part
+    ]
+    name = f"{plan.schedule} (measured)"
+    placement = plan.placement
+    render.write_chrome_trace(
+        path, events, name=name, placement=placement, time_unit=render.SECONDS
+    )
+    in_ms = [Event(e.rank, e.action, e.start * 1e3, e.end * 1e3) for e in events]
+    try:
+        render.plot_png(
+            render.measured_result(name, in_ms),
+            os.path.splitext(path)[0] + ".png",
+            title=f"{name}, ms",
+            placement=placement,
+        )
+    except ImportError as error:
+        logger.warning("no timeline PNG: %s", error)

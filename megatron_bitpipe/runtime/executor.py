@@ -7,7 +7,7 @@ The model work comes from ``StageCallbacks``; the executor owns the data flow be
   ``output.detach().requires_grad_()`` as the next stage's input, and the gradient w.r.t. that
   input back to the producing stage's backward; other neighbours go through ``P2P``;
 * every action's (start, end) is recorded with ``time.perf_counter`` (``trace``,
-  ``chrome_trace``), and the most stashed activations at once is kept (``peak_live_activations``),
+  ``megatron_bitpipe.schedules.render`` draws it), and the most stashed activations at once is kept (``peak_live_activations``),
   comparable with ``simulate(schedule).peak_activations[rank]``.
 
 It never invents an order: it runs exactly the program it is given, and after the last action it
@@ -116,23 +116,6 @@ class Executor:
         if self.p2p is not None:
             self.p2p.finish()
         self._check_empty()
-
-    def chrome_trace(self, origin: float | None = None) -> list[dict[str, object]]:
-        """The trace as Chrome/Perfetto "X" events (pid = rank; compute tid 0, other tid 1)."""
-        if origin is None:
-            origin = self.trace[0].start if self.trace else 0.0
-        return [
-            {
-                "name": str(event.action),
-                "cat": event.action.kind.value,
-                "ph": "X",
-                "ts": (event.start - origin) * 1e6,
-                "dur": (event.end - event.start) * 1e6,
-                "pid": self.rank,
-                "tid": 0 if event.action.is_compute else 1,
-            }
-            for event in self.trace
-        ]
 
     # --- handlers ------------------------------------------------------------------------------
 

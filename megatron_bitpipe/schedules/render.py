@@ -332,6 +332,30 @@ class _Bar:
     label: str
 
 
+def measured_result(name: str, events: Iterable[Event]) -> SimResult:
+    """A SimResult holding measured spans (for ``text_grid``/``plot_png``); times from 0.
+
+    Memory and message counts are not measured here and are reported as 0.
+    """
+    spans = list(events)
+    origin = min((event.start for event in spans), default=0.0)
+    shifted = [Event(e.rank, e.action, e.start - origin, e.end - origin) for e in spans]
+    num_ranks = max((event.rank for event in shifted), default=-1) + 1
+    busy = [0.0] * num_ranks
+    for event in shifted:
+        busy[event.rank] += event.end - event.start
+    return SimResult(
+        name=name,
+        makespan=max((event.end for event in shifted), default=0.0),
+        events=tuple(shifted),
+        sync_events=(),
+        busy=tuple(busy),
+        peak_activations=(0,) * num_ranks,
+        p2p_messages=0,
+        p2p_bytes=0,
+    )
+
+
 def plot_png(
     result: SimResult,
     path: str | Path,
