@@ -37,7 +37,7 @@ def _add_comm(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
     (the loop sees every action)."""
     placement = schedule.placement
     stages = range(placement.num_stages)
-    stage_rank = [placement.rank_of(stage) for stage in stages]
+    stage_rank = placement.stage_ranks
     next_stage = [placement.next_stage(stage) for stage in stages]
     prev_stage = [placement.prev_stage(stage) for stage in stages]
     outgoing = messages_of(schedule)

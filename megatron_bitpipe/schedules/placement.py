@@ -39,6 +39,15 @@ class Placement:
     def chunks_per_rank(self) -> int:
         return len(self.rank_stages[0])
 
+    @property
+    def stage_ranks(self) -> tuple[int, ...]:
+        """Rank of every stage, indexed by global stage: the lookup table hot loops use."""
+        cached = self.__dict__.get("_stage_rank_cache")
+        if cached is None:
+            cached = tuple(self.rank_of(stage) for stage in range(self.num_stages))
+            object.__setattr__(self, "_stage_rank_cache", cached)
+        return cached
+
     def rank_of(self, stage: int) -> int:
         return self._locations()[stage][0]
 

@@ -183,7 +183,7 @@ def _run(schedule: Schedule, costs: Costs) -> list[Event]:
     num_microbatches = schedule.num_microbatches
     num_stages = placement.num_stages
     per_pipeline = placement.stages_per_pipeline
-    stage_rank = [placement.rank_of(stage) for stage in range(num_stages)]
+    stage_rank = placement.stage_ranks
     first = [placement.is_first(stage) for stage in range(num_stages)]
     last = [placement.is_last(stage) for stage in range(num_stages)]
     durations = {

@@ -44,7 +44,7 @@ def _actions_are_well_formed(schedule: Schedule) -> bool:
     placement = schedule.placement
     num_microbatches = schedule.num_microbatches
     num_stages = placement.num_stages
-    stage_rank = [placement.rank_of(stage) for stage in range(num_stages)]
+    stage_rank = placement.stage_ranks
     stage_pipeline = [placement.pipeline_of(stage) for stage in range(num_stages)]
     microbatch_pipeline = schedule.microbatch_pipeline
     seen = bytearray(num_stages * num_microbatches * 4)
@@ -213,7 +213,7 @@ def messages_of(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
     """
     placement = schedule.placement
     stages = range(placement.num_stages)
-    stage_rank = [placement.rank_of(stage) for stage in stages]
+    stage_rank = placement.stage_ranks
     next_stage = [placement.next_stage(stage) for stage in stages]
     prev_stage = [placement.prev_stage(stage) for stage in stages]
     outgoing: dict[tuple[int, int], list[Message]] = defaultdict(list)
@@ -384,7 +384,7 @@ def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
     placement = schedule.placement
     num_microbatches = schedule.num_microbatches
     num_stages = placement.num_stages
-    stage_rank = [placement.rank_of(stage) for stage in range(num_stages)]
+    stage_rank = placement.stage_ranks
     first = [placement.is_first(stage) for stage in range(num_stages)]
     last = [placement.is_last(stage) for stage in range(num_stages)]
     lowered = schedule.is_lowered
