@@ -212,23 +212,6 @@ def test_bad_settings_are_rejected_naming_the_setting(
 # --- against torch.distributed.pipelining and megatron-core -----------------------------------
 
 
-@pytest.mark.parametrize("name, options", SCHEDULES)
-@pytest.mark.parametrize("num_ranks, num_microbatches", GRID)
-def test_csv_passes_torch_pipelining_validator(name, options, num_ranks, num_microbatches):
-    torch_schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
-    schedule = build(name, num_ranks, num_microbatches, **options)
-    actions = {
-        rank: [torch_schedules._Action.from_str(cell) for cell in line.split(",")]
-        for rank, line in enumerate(schedule.to_csv().splitlines())
-    }
-    stage_to_rank = torch_schedules._validate_schedule(
-        actions, num_ranks, schedule.placement.num_stages, num_microbatches
-    )
-    placement = schedule.placement
-    expected = {stage: placement.rank_of(stage) for stage in range(placement.num_stages)}
-    assert stage_to_rank == expected
-
-
 def test_csv_round_trips_through_parse_programs():
     schedule = build("zb-h1", 4, 8)
     assert parse_programs(schedule.to_csv()) == schedule.programs
