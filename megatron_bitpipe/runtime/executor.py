@@ -6,9 +6,9 @@ The model work comes from ``StageCallbacks``; the executor owns the data flow be
 * a same-rank hand-over (the V turn, or any neighbour stage on this rank) passes
   ``output.detach().requires_grad_()`` as the next stage's input, and the gradient w.r.t. that
   input back to the producing stage's backward; other neighbours go through ``P2P``;
-* every action's (start, end) is recorded with ``time.perf_counter`` (``trace``,
-  ``megatron_bitpipe.schedules.render`` draws it), and the most stashed activations at once is kept (``peak_live_activations``),
-  comparable with ``simulate(schedule).peak_activations[rank]``.
+* every action's (start, end) is recorded with ``time.perf_counter`` (``trace``, which
+  ``megatron_bitpipe.schedules.render`` draws), and the most activations stashed at once is kept
+  (``peak_live_activations``), comparable with ``simulate(schedule).peak_activations[rank]``.
 
 It never invents an order: it runs exactly the program it is given, and after the last action it
 raises if anything is left stashed, handed over, unsent or unreceived.
