@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_bitpipe.schedules import ScheduleConfigError, build, lower, validate
+from megatron_bitpipe.schedules import ScheduleConfigError, build, lower, validate, vshape
 from megatron_bitpipe.schedules.ir import Kind, Schedule
 from megatron_bitpipe.schedules.simulate import Costs, SimResult, simulate
 
@@ -243,3 +243,30 @@ def test_v_zb_rejects_fewer_than_2d_minus_1_microbatches(num_ranks, num_microbat
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_v_zb_accepts_2d_minus_1_microbatches(num_ranks):
     validate(lower(build("v-zb", num_ranks, 2 * num_ranks - 1)))
+
+
+# --- the fast paths plan what the slot-by-slot plan does --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["v-min", "v-half"])
+@pytest.mark.parametrize("num_ranks, num_microbatches", [(3, 6), (4, 20), (7, 14), (8, 41)])
+def test_reorder_windows_and_skipped_steady_state_plan_as_one_window(
+    name, num_ranks, num_microbatches, monkeypatch
+):
+    generate = {"v-min": vshape.generate_v_min, "v-half": vshape.generate_v_half}[name]
+    fast = generate(num_ranks, num_microbatches).programs
+    plan_init = vshape._RepeatedPlan.__init__
+
+    def one_window(plan, *args):
+        plan_init(plan, *args)
+        plan.cooldown_start = -1  # below the steady start: one window, nothing skipped
+
+    monkeypatch.setattr(vshape._RepeatedPlan, "__init__", one_window)
+    assert generate(num_ranks, num_microbatches).programs == fast
+
+
+@pytest.mark.parametrize("num_ranks, num_microbatches", [(2, 9), (4, 7), (4, 30), (8, 45)])
+def test_v_zb_skipped_steady_periods_run_as_step_by_step(num_ranks, num_microbatches, monkeypatch):
+    fast = vshape.generate_v_zb(num_ranks, num_microbatches).programs
+    monkeypatch.setattr(vshape, "_zb_steady_periods", lambda *args: 0)
+    assert vshape.generate_v_zb(num_ranks, num_microbatches).programs == fast
