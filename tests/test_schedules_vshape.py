@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_bitpipe.schedules import ScheduleConfigError, build, lower, validate, vshape
+from megatron_bitpipe.schedules import (
+    ScheduleConfigError,
+    build,
+    lower,
+    validate,
+    vshape,
+    vshape_zb,
+)
 from megatron_bitpipe.schedules.ir import Kind, Schedule
 from megatron_bitpipe.schedules.simulate import Costs, SimResult, simulate
 
@@ -268,5 +275,5 @@ def test_reorder_windows_and_skipped_steady_state_plan_as_one_window(
 @pytest.mark.parametrize("num_ranks, num_microbatches", [(2, 9), (4, 7), (4, 30), (8, 45)])
 def test_v_zb_skipped_steady_periods_run_as_step_by_step(num_ranks, num_microbatches, monkeypatch):
     fast = vshape.generate_v_zb(num_ranks, num_microbatches).programs
-    monkeypatch.setattr(vshape, "_zb_steady_periods", lambda *args: 0)
+    monkeypatch.setattr(vshape_zb, "_zb_steady_periods", lambda *args: 0)
     assert vshape.generate_v_zb(num_ranks, num_microbatches).programs == fast
