@@ -51,18 +51,23 @@ DOWN, UP = 0, 1
 Chunk = tuple[int, int]  # (pipeline, half): half 0 = first D stages of the pipeline, 1 = last D
 
 
-def check(num_ranks: int, num_microbatches: int, **options: object) -> None:
-    """Raise ScheduleConfigError unless D is even and N a multiple of D."""
+def check_replica_pairs(name: str, num_ranks: int, num_microbatches: int) -> None:
+    """The rules every two-pipeline schedule shares: D even, N a multiple of D."""
     if num_ranks < 2 or num_ranks % 2:
         raise ScheduleConfigError(
-            f"bitpipe: --pp {num_ranks} must be even and >= 2: the two pipelines pair rank r "
+            f"{name}: --pp {num_ranks} must be even and >= 2: the two pipelines pair rank r "
             f"with rank D-1-r, which hold the same stages"
         )
     if num_microbatches % num_ranks:
         raise ScheduleConfigError(
-            f"bitpipe: --microbatches {num_microbatches} must be a multiple of --pp {num_ranks}: "
-            f"microbatches go down and up in blocks of D/2"
+            f"{name}: --microbatches {num_microbatches} must be a multiple of --pp {num_ranks}: "
+            f"microbatches go down and up in alternating blocks of D/2"
         )
+
+
+def check(num_ranks: int, num_microbatches: int, **options: object) -> None:
+    """Raise ScheduleConfigError unless D is even and N a multiple of D."""
+    check_replica_pairs("bitpipe", num_ranks, num_microbatches)
 
 
 def check_inflight(num_ranks: int, num_microbatches: int, max_inflight: int | None = None) -> None:

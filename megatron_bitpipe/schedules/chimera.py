@@ -21,8 +21,7 @@ With t_B = t_F the bubble is (D-2)/(2N+D-2).
 
 from __future__ import annotations
 
-from megatron_bitpipe.schedules.bitpipe import microbatch_pipelines
-from megatron_bitpipe.schedules.errors import ScheduleConfigError
+from megatron_bitpipe.schedules.bitpipe import check_replica_pairs, microbatch_pipelines
 from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
 from megatron_bitpipe.schedules.placement import chimera as chimera_placement
 from megatron_bitpipe.schedules.registry import ScheduleSpec, register
@@ -30,16 +29,7 @@ from megatron_bitpipe.schedules.registry import ScheduleSpec, register
 
 def check(num_ranks: int, num_microbatches: int, **options: object) -> None:
     """Raise ScheduleConfigError unless D is even and N a multiple of D."""
-    if num_ranks < 2 or num_ranks % 2:
-        raise ScheduleConfigError(
-            f"chimera: --pp {num_ranks} must be even and >= 2: the two replicas pair rank r "
-            f"with rank D-1-r"
-        )
-    if num_microbatches % num_ranks:
-        raise ScheduleConfigError(
-            f"chimera: --microbatches {num_microbatches} must be a multiple of --pp {num_ranks}: "
-            f"a unit is D microbatches, D/2 down and D/2 up"
-        )
+    check_replica_pairs("chimera", num_ranks, num_microbatches)
 
 
 def slot(num_ranks: int, index: int, position: int, kind: Kind) -> int:
