@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--attention-dropout", type=float, default=0.0)
     add("--seed", type=int, default=1234)
+    add("--bf16", action="store_true", help="bf16 parameters and activations (PP=1 for now)")
     add("--sequence-parallel", action="store_true")
     add("--untie-embeddings-and-output-weights", action="store_true")
     add("--use-distributed-optimizer", action="store_true")
@@ -178,6 +179,11 @@ def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str)
         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}",
     )
     _check_model_shape(args, tp)
+    _require(
+        not args.bf16 or pp == 1,
+        f"--bf16 runs with --pipeline-model-parallel-size 1 only for now (got {pp}): megatron's "
+        f"Float16Module casts by megatron's own first/last-stage predicates, not our placements",
+    )
     num_microbatches = args.global_batch_size // per_step
     placement, options, virtual_size = _resolve_schedule(args, schedule, pp, num_microbatches)
     stages = placement.stages_per_pipeline

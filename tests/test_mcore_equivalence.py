@@ -171,3 +171,21 @@ def test_every_schedule_trains_like_one_process(layout, references, tmp_path):
         assert_matches(reference, result, reference_log, by_schedule[schedule], schedule)
         if not schedule.startswith("megatron-"):
             assert Path(trace.replace("{schedule}", schedule)).stat().st_size > 0
+
+
+def test_bf16_trains_close_to_fp32_on_one_process(references):
+    """bf16 (PP=1, Float16Module + megatron's fp32 main-param optimizer) tracks the fp32 run."""
+    reference, reference_log = references[False]
+    log = launch(1, ["--pipeline-schedule", "none", "--bf16"])
+    bf16, fp32 = logged_losses(log), logged_losses(reference_log)
+    assert len(bf16) == len(fp32) == 5
+    assert bf16 == pytest.approx(fp32, rel=1e-2)
+    assert bf16 != fp32  # bf16 really ran: its rounding shows in the losses
+
+
+def test_bf16_with_pipeline_parallelism_is_rejected_before_any_process_group():
+    from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+
+    args = build_parser().parse_args([*MODEL, "--pipeline-model-parallel-size", "2", "--bf16"])
+    with pytest.raises(ArgumentsError, match="--bf16 runs with --pipeline-model-parallel-size 1"):
+        validate_args(args, world_size=2)

@@ -23,6 +23,7 @@ from megatron.core.distributed import DistributedDataParallelConfig, finalize_mo
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from megatron_bitpipe.mcore import compat, cpu, forward_backward
 from megatron_bitpipe.mcore.data import MockGPTData, forward_step
@@ -152,6 +153,8 @@ def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         seed=args.seed,
     )
+    if args.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     groups = create_gradient_groups(plan.placement)
     assert_replicas_identical(chunks, groups)
     ddp_config = DistributedDataParallelConfig(
@@ -265,8 +268,9 @@ def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerC
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        bf16=args.bf16,
+        params_dtype=_dtype(args),
+        pipeline_dtype=_dtype(args),
         deallocate_pipeline_outputs=True,
         # megatron-core mixes same-peer messages of batched p2p with PP=2 (Megatron-LM#750)
         overlap_p2p_comm=interleaved_on_two,
@@ -274,6 +278,10 @@ def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerC
     )
     settings.update(cpu.config_overrides())
     return TransformerConfig(**settings)
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float32
 
 
 def _optimizer(args: argparse.Namespace, model: list[Any], plan: RunPlan) -> Any:
@@ -285,7 +293,8 @@ def _optimizer(args: argparse.Namespace, model: list[Any], plan: RunPlan) -> Any
         weight_decay=args.weight_decay,
         adam_eps=args.adam_eps,
         clip_grad=clip_grad,
-        params_dtype=torch.float32,
+        bf16=args.bf16,
+        params_dtype=_dtype(args),
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     # The two replicas of a stage gather parameters in one shared order: stage position.
