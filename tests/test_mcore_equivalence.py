@@ -146,6 +146,11 @@ LAYOUTS = {
         "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2",
         "bitpipe megatron-1f1b",
     ),
+    "dp2-pp2-overlap": (
+        4,
+        "--pipeline-model-parallel-size 2 --overlap-grad-reduce",
+        "bitpipe chimera",
+    ),
     "dp2-pp2-overlap-distributed-optimizer": (
         4,
         "--pipeline-model-parallel-size 2 --overlap-grad-reduce --use-distributed-optimizer",
