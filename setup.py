@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[],
     extras_require={
-        "train": ["torch>=2.4", "megatron-core>=0.16.1,<0.20"],
+        "train": ["torch>=2.5", "megatron-core>=0.16.1,<0.20"],
         "viz": ["matplotlib>=3.7"],
         "test": ["pytest>=7", "pyyaml>=6"],
     },
