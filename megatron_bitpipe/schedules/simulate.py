@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megatron_bitpipe.schedules.errors import ScheduleError
 from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
@@ -308,8 +308,6 @@ def _layers_per_stage(schedule: Schedule, dims: ModelDims) -> int:
 
 
 def _with_bytes(costs: Costs, schedule: Schedule, dims: ModelDims) -> Costs:
-    from dataclasses import replace
-
     layers = _layers_per_stage(schedule, dims)
     grad_bytes = layers * dims.layer_parameter_count() * 4
     return replace(costs, message_bytes=dims.message_bytes(), stage_grad_bytes=grad_bytes)

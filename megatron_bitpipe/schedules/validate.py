@@ -300,28 +300,25 @@ def _describe(message: Message) -> str:
 
 def _check_message_placement(schedule: Schedule) -> None:
     """A SEND comes after its producer; a RECV comes before its consumer."""
-    placement = schedule.placement
     for rank, program in enumerate(schedule.programs):
         index = {action: position for position, action in enumerate(program)}
-        for position, action in enumerate(program):
-            microbatch = action.microbatch
-            if action.kind is Kind.SEND_F:
-                related, must_precede = Action(action.stage, Kind.F, microbatch), True
-            elif action.kind is Kind.SEND_B:
-                split = Action(action.stage, Kind.I, microbatch)
-                related, must_precede = (split if split in index else Action(action.stage, Kind.B, microbatch)), True
-            elif action.kind is Kind.RECV_F:
-                related, must_precede = Action(action.stage, Kind.F, microbatch), False
-            elif action.kind is Kind.RECV_B:
-                split = Action(action.stage, Kind.I, microbatch)
-                related, must_precede = (split if split in index else Action(action.stage, Kind.B, microbatch)), False
-            else:
+        for position, (stage, kind, microbatch) in enumerate(program):
+            if kind not in COMM_KINDS:
                 continue
+            if kind in (Kind.SEND_F, Kind.RECV_F):
+                related = Action(stage, Kind.F, microbatch)
+            else:
+                split = Action(stage, Kind.I, microbatch)
+                related = split if split in index else Action(stage, Kind.B, microbatch)
+            must_precede = kind in (Kind.SEND_F, Kind.SEND_B)
             where = index.get(related)
             if where is None or (where > position) == must_precede:
-                rule = "comes before the action that produces it" if must_precede else "comes after the action that consumes it"
-                raise _fail(schedule, rank, position, f"{action.kind.value} {rule} ({related})")
-    del placement
+                rule = (
+                    "comes before the action that produces it"
+                    if must_precede
+                    else "comes after the action that consumes it"
+                )
+                raise _fail(schedule, rank, position, f"{kind.value} {rule} ({related})")
 
 
 def _check_replica_syncs(schedule: Schedule) -> None:
