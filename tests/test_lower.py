@@ -1,7 +1,8 @@
 """Lowering derives every message from the compute order, never by hand."""
 
-from megatron_bitpipe.schedules.ir import Kind
-from megatron_bitpipe.schedules.lower import lower
+from megatron_bitpipe.schedules import build, names
+from megatron_bitpipe.schedules.ir import Action, Kind
+from megatron_bitpipe.schedules.lower import lower, send_completions
 from schedule_fixtures import bidirectional_gpipe, one_f_one_b, vshape_gpipe
 
 
@@ -55,3 +56,49 @@ def test_replica_pairs_sync_stages_in_the_same_order():
         for program in lowered.programs
     ]
     assert order[0] == order[3] and order[1] == order[2]
+
+
+def test_a_send_completes_at_the_first_reply_the_peer_sent_after_posting_its_receive():
+    lowered = lower(one_f_one_b(4, 8))
+    completions = send_completions(lowered)
+    # rank 0 sends F0..F3 in warm-up; rank 1 posts the receive of F3 before it sends B1 back
+    assert {str(recv): texts(sends) for recv, sends in completions[0].items()} == {
+        "0RECV_B0": ["0SEND_F0", "0SEND_F1", "0SEND_F2"],
+        "0RECV_B1": ["0SEND_F3"],
+        "0RECV_B2": ["0SEND_F4"],
+        "0RECV_B3": ["0SEND_F5"],
+        "0RECV_B4": ["0SEND_F6"],
+        "0RECV_B5": ["0SEND_F7"],
+    }
+    # the last rank's gradients are proven by activations the middle rank sends later
+    assert {str(recv): texts(sends) for recv, sends in completions[3].items()} == {
+        "3RECV_F2": ["3SEND_B0"],
+        "3RECV_F3": ["3SEND_B1"],
+        "3RECV_F4": ["3SEND_B2"],
+        "3RECV_F5": ["3SEND_B3"],
+        "3RECV_F6": ["3SEND_B4"],
+        "3RECV_F7": ["3SEND_B5"],
+    }
+
+
+def test_every_completion_comes_after_its_send_and_after_the_peer_posted_the_receive():
+    for name in names():
+        options = {"vp": 2} if name in ("interleaved-1f1b", "breadth-first") else {}
+        lowered = lower(build(name, 4, 8, **options))
+        placement = lowered.placement
+        positions = [{a: i for i, a in enumerate(program)} for program in lowered.programs]
+        for rank, completions in enumerate(send_completions(lowered)):
+            completed = [send for sends in completions.values() for send in sends]
+            assert len(completed) == len(set(completed)), name
+            for proof, sends in completions.items():
+                forward = proof.kind is Kind.RECV_F
+                producer = proof.stage - 1 if forward else proof.stage + 1
+                peer = placement.stage_ranks[producer]
+                reply = Action(producer, Kind.SEND_F if forward else Kind.SEND_B, proof.microbatch)
+                for send in sends:
+                    assert positions[rank][proof] > positions[rank][send], (name, proof, send)
+                    if send.kind is Kind.SEND_F:
+                        receive = Action(send.stage + 1, Kind.RECV_F, send.microbatch)
+                    else:
+                        receive = Action(send.stage - 1, Kind.RECV_B, send.microbatch)
+                    assert positions[peer][reply] > positions[peer][receive], (name, proof, send)

@@ -109,6 +109,7 @@ class ToyStages:
         }
         self.losses: dict[int, float] = {}
         self.reduced: list[int] = []
+        self.released: list[tuple[int, int]] = []
 
     def forward(
         self, stage: int, microbatch: int, input_tensor: torch.Tensor | None
@@ -121,6 +122,9 @@ class ToyStages:
         loss = (activation**2).sum()
         self.losses[microbatch] = loss.item()
         return loss * self.loss_scale
+
+    def release_output(self, stage: int, microbatch: int, output_tensor: Tensor) -> None:
+        self.released.append((stage, microbatch))
 
     def backward(
         self,

@@ -6,6 +6,16 @@ executor.run(lowered.programs[rank])      # callbacks.reduce_grad starts Replica
 """
 
 from megatron_bitpipe.runtime.callbacks import StageCallbacks
+from megatron_bitpipe.runtime.channels import (
+    CommunicatorSetupError,
+    CommunicatorSpec,
+    build_channels,
+    create_groups,
+    initialize_communicators,
+    message_pairs,
+    step_communicators,
+)
+from megatron_bitpipe.runtime.errors import P2PError, P2PTimeoutError
 from megatron_bitpipe.runtime.executor import Executor, TraceEvent, forward_program
 from megatron_bitpipe.runtime.grad_sync import (
     ReplicaGradSync,
@@ -13,15 +23,12 @@ from megatron_bitpipe.runtime.grad_sync import (
     replica_pair_groups,
     replica_partner,
 )
-from megatron_bitpipe.runtime.p2p import (
-    P2P,
-    P2PError,
-    P2PTimeoutError,
-    build_channels,
-    message_pairs,
-)
+from megatron_bitpipe.runtime.p2p import P2P
+from megatron_bitpipe.runtime.watchdog import Watchdog
 
 __all__ = [
+    "CommunicatorSetupError",
+    "CommunicatorSpec",
     "Executor",
     "P2P",
     "P2PError",
@@ -29,10 +36,14 @@ __all__ = [
     "ReplicaGradSync",
     "StageCallbacks",
     "TraceEvent",
+    "Watchdog",
     "broadcast_replica_parameters",
     "build_channels",
+    "create_groups",
     "forward_program",
+    "initialize_communicators",
     "message_pairs",
     "replica_pair_groups",
     "replica_partner",
+    "step_communicators",
 ]

@@ -20,6 +20,9 @@ class StageCallbacks(Protocol):
     ) -> torch.Tensor:
         """Run the stage. First stages get None and load their data; last stages return the loss."""
 
+    def release_output(self, stage: int, microbatch: int, output_tensor: torch.Tensor) -> None:
+        """The output's SEND_F is posted: its data may go, its autograd graph stays for B."""
+
     def backward(
         self,
         stage: int,

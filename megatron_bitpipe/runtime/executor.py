@@ -6,9 +6,13 @@ The model work comes from ``StageCallbacks``; the executor owns the data flow be
 * a same-rank hand-over (the V turn, or any neighbour stage on this rank) passes
   ``output.detach().requires_grad_()`` as the next stage's input, and the gradient w.r.t. that
   input back to the producing stage's backward; other neighbours go through ``P2P``;
-* every action's (start, end) is recorded with ``time.perf_counter`` (``trace``, which
-  ``megatron_bitpipe.schedules.render`` draws), and the most activations stashed at once is kept
-  (``peak_live_activations``), comparable with ``simulate(schedule).peak_activations[rank]``.
+* once an output has left (its SEND_F is posted), the callbacks may drop its data
+  (``release_output``, megatron's ``deallocate_output_tensor``): only its autograd graph is
+  needed until its backward, and the P2P holds the payload until the send completes;
+* every action's (start, end) is marked by a ``Clock`` (host time, or CUDA events on a GPU) and
+  read back as ``trace`` (which ``megatron_bitpipe.schedules.render`` draws), and the most
+  activations stashed at once is kept (``peak_live_activations``), comparable with
+  ``simulate(schedule).peak_activations[rank]``.
 
 It never invents an order: it runs exactly the program it is given, and after the last action it
 raises if anything is left stashed, handed over, unsent or unreceived.
@@ -17,13 +21,13 @@ raises if anything is left stashed, handed over, unsent or unreceived.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from megatron_bitpipe.runtime.callbacks import StageCallbacks
+from megatron_bitpipe.runtime.clock import Clock, WallClock
 from megatron_bitpipe.runtime.p2p import P2P
 from megatron_bitpipe.schedules.ir import Action, Kind
 from megatron_bitpipe.schedules.placement import Placement
@@ -34,7 +38,7 @@ FORWARD_KINDS = frozenset({Kind.F, Kind.SEND_F, Kind.RECV_F})
 
 
 class TraceEvent(NamedTuple):
-    """One action as run: ``time.perf_counter`` seconds."""
+    """One action as run, in ``time.perf_counter`` seconds (GPU time with a CUDA clock)."""
 
     action: Action
     start: float
@@ -58,13 +62,21 @@ class Executor:
     """Walks one rank's lowered program; ``run`` may be called once per training step."""
 
     def __init__(
-        self, placement: Placement, rank: int, callbacks: StageCallbacks, p2p: P2P | None = None
+        self,
+        placement: Placement,
+        rank: int,
+        callbacks: StageCallbacks,
+        p2p: P2P | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.placement = placement
         self.rank = rank
         self.callbacks = callbacks
         self.p2p = p2p
-        self.trace: list[TraceEvent] = []
+        self.clock = clock or WallClock()
+        self.current_action: Action | None = None
+        """The action being run (None outside ``run``)."""
         self.peak_live_activations = 0
         self._handlers: dict[Kind, Callable[[Action], None]] = {
             Kind.F: self._forward,
@@ -78,6 +90,16 @@ class Executor:
             Kind.REDUCE_GRAD: self._reduce_grad,
         }
         self._reset(forward_only=False)
+
+    @property
+    def trace(self) -> list[TraceEvent]:
+        """Every action of the last run with its start and end (read after the run)."""
+        if self._trace is None:
+            seconds = self.clock.seconds
+            self._trace = [
+                TraceEvent(action, seconds(start), seconds(end)) for action, start, end in self._marks
+            ]
+        return self._trace
 
     @property
     def live_activations(self) -> int:
@@ -99,10 +121,15 @@ class Executor:
                 )
         self._reset(forward_only)
         logger.debug("rank %d: running %d actions", self.rank, len(program))
+        handlers, marks, mark, p2p = self._handlers, self._marks, self.clock.mark, self.p2p
+        self.clock.start()
         for position, action in enumerate(program):
-            start = time.perf_counter()
+            self.current_action = action
+            start = mark()
             try:
-                self._handlers[action.kind](action)
+                handlers[action.kind](action)
+                if p2p is not None:
+                    p2p.release_completed()
             except Exception as error:
                 if hasattr(error, "add_note"):
                     error.add_note(
@@ -110,11 +137,10 @@ class Executor:
                         f"(position {position} of {len(program)})"
                     )
                 raise
-            self.trace.append(TraceEvent(action, start, time.perf_counter()))
-            if self.p2p is not None:
-                self.p2p.release_completed()
-        if self.p2p is not None:
-            self.p2p.finish()
+            marks.append((action, start, mark()))
+        self.current_action = None
+        if p2p is not None:
+            p2p.finish()
         self._check_empty()
 
     # --- handlers ------------------------------------------------------------------------------
@@ -176,6 +202,8 @@ class Executor:
         if tensor is None:
             raise RuntimeError(f"rank {self.rank}: {action} before the action that produces it")
         self._require_p2p(action).send(action, tensor)
+        if action.kind is Kind.SEND_F and not self._forward_only:
+            self.callbacks.release_output(action.stage, self._microbatch(action), tensor)
 
     def _post_recv(self, action: Action) -> None:
         self._require_p2p(action).post_recv(action)
@@ -259,7 +287,8 @@ class Executor:
 
     def _reset(self, forward_only: bool) -> None:
         self._forward_only = forward_only
-        self.trace = []
+        self._marks: list[tuple[Action, Any, Any]] = []
+        self._trace: list[TraceEvent] | None = None
         self.peak_live_activations = 0
         self._stash: dict[tuple[int, int], _Stashed] = {}
         self._activations: dict[tuple[int, int], torch.Tensor] = {}

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_bitpipe.runtime.watchdog import Watchdog
 from megatron_bitpipe.schedules.placement import Placement
 
 logger = logging.getLogger(__name__)
@@ -98,14 +99,21 @@ class ReplicaGradSync:
         average: divide by the group size (each replica's loss scaled by 1 / its own microbatch
             count); False sums (losses scaled by 1 / all microbatches).
         timeout_s: the longest ``finish`` waits for one all-reduce.
+        watchdog: enforce ``timeout_s`` without blocking the host (NCCL; see ``Watchdog``).
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None, *, average: bool = True, timeout_s: float = 300.0
+        self,
+        group: dist.ProcessGroup | None,
+        *,
+        average: bool = True,
+        timeout_s: float = 300.0,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.group = group
         self.average = average
         self.timeout_s = timeout_s
+        self.watchdog = watchdog
         self._pending: list[_Pending] = []
 
     def start(self, parameters: Iterable[torch.Tensor]) -> list[dist.Work]:
@@ -135,13 +143,19 @@ class ReplicaGradSync:
         """Wait for every started all-reduce and write the results back into the grads."""
         pending, self._pending = self._pending, []
         for entry in pending:
+            failure = (
+                f"rank {dist.get_rank()}: replica gradient all-reduce did not finish "
+                f"within {self.timeout_s:g} s"
+            )
             try:
-                entry.work.wait(timedelta(seconds=self.timeout_s))
+                if self.watchdog is None:
+                    entry.work.wait(timedelta(seconds=self.timeout_s))
+                else:
+                    self.watchdog.check()
+                    entry.work.wait()
+                    self.watchdog.watch(entry.work, self.timeout_s, failure)
             except RuntimeError as error:
-                raise RuntimeError(
-                    f"rank {dist.get_rank()}: replica gradient all-reduce did not finish "
-                    f"within {self.timeout_s:g} s: {error}"
-                ) from error
+                raise RuntimeError(f"{failure}: {error}") from error
             offset = 0
             for grad in entry.grads:
                 grad.copy_(entry.flat[offset : offset + grad.numel()].view_as(grad))

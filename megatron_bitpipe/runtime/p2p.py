@@ -1,16 +1,30 @@
 """Point-to-point messages of a lowered schedule, matched by order per (sender, receiver) pair.
 
 A RECV action posts a non-blocking ``irecv`` into a buffer from ``make_buffer(action)``; the
-consuming compute waits on it. A SEND action is an ``isend`` whose handle is kept and completed
-later: a SEND_F when its own stage's backward runs (the gradient coming back proves the
-activation arrived), everything else in ``finish``. No tags are relied on (NCCL ignores them):
+consuming compute waits on it. A SEND action is an ``isend`` whose handle, and so its payload, is
+kept until the send is known complete: when a message arrives that the peer sent after posting
+the matching receive (``completions``, from ``schedules.lower.send_completions``), when the
+backend reports it done (NCCL; gloo only after a wait), or at the latest in ``finish``. No tags are relied on (NCCL ignores them):
 ``lower`` already orders the receives from one peer as that peer sends.
 
 Every wait has a timeout whose error names the rank, the peer and the action, e.g.
 ``rank 2: timed out after 30 s waiting for RECV_F of stage 5 microbatch 3 from rank 1``.
+``waits="blocking"`` (gloo) waits with ``work.wait(timeout)``. ``waits="watchdog"`` (NCCL) calls
+plain ``work.wait()``, which only makes the compute stream wait, and leaves the deadline to a
+``Watchdog``: on NCCL a wait with a timeout blocks the host until the GPU is done.
 
-On NCCL, messages in both directions over one communicator share one stream and can block each
-other; pass ``channels=build_channels(...)`` so every direction of every pair has its own group.
+On NCCL, pass ``channels`` (``runtime.channels``): one group per direction of every pair, so a
+send never queues behind a receive on the same communicator stream. Messages are posted one call
+each, not grouped with ``batch_isend_irecv`` as megatron's p2p does: a batch must use one group
+(both directions of a pair are two groups here), and torch runs a group's batched p2p on the
+group's collective communicator but single p2p on a separate per-pair one, so mixing the two on
+one group would leave two streams whose relative order NCCL does not keep.
+
+``CUDA_DEVICE_MAX_CONNECTIONS``: megatron asks for 1 when tensor-parallel communication overlaps
+compute (sequence parallel, ``tp_comm_overlap``), so that kernels reach the GPU in launch order.
+This module needs no particular value: every p2p operation has its own communicator stream and
+the executor launches them in the lowered program's order, which ``nccl_rules`` replays under
+NCCL's matching rules (in order per communicator, tags ignored) and finds deadlock free.
 """
 
 from __future__ import annotations
@@ -19,11 +33,13 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_bitpipe.runtime.errors import P2PError, P2PTimeoutError
+from megatron_bitpipe.runtime.watchdog import Watchdog
 from megatron_bitpipe.schedules.ir import Action, Kind
 from megatron_bitpipe.schedules.placement import Placement
 
@@ -32,14 +48,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 300.0
 Channels = Mapping[tuple[int, int], dist.ProcessGroup]
 """One process group per (sender, receiver) pipeline-rank pair."""
-
-
-class P2PError(RuntimeError):
-    """A message failed; the text names the rank, the peer and the action."""
-
-
-class P2PTimeoutError(P2PError):
-    """A message did not arrive (or leave) within the timeout."""
+Waits = Literal["blocking", "watchdog"]
 
 
 @dataclass
@@ -48,39 +57,6 @@ class _Message:
     peer: int
     tensor: torch.Tensor
     work: dist.Work | None
-
-
-def message_pairs(placement: Placement) -> list[tuple[int, int]]:
-    """Every (sender, receiver) pair that a schedule on ``placement`` can use, both directions."""
-    pairs = set()
-    for stage in range(placement.num_stages):
-        following = placement.next_stage(stage)
-        if following is not None and placement.rank_of(following) != placement.rank_of(stage):
-            sender, receiver = placement.rank_of(stage), placement.rank_of(following)
-            pairs.update({(sender, receiver), (receiver, sender)})
-    return sorted(pairs)
-
-
-def build_channels(
-    pairs: Iterable[tuple[int, int]], pipelines: list[list[int]] | None = None
-) -> dict[tuple[int, int], dist.ProcessGroup]:
-    """Create one group per ordered pair, for every pipeline; return the calling rank's.
-
-    Collective: every process of the default group calls it with the same arguments.
-    ``pipelines`` lists the global ranks of each pipeline-parallel group (default: one pipeline,
-    the whole world, pipeline rank = global rank).
-    """
-    if pipelines is None:
-        pipelines = [list(range(dist.get_world_size()))]
-    me = dist.get_rank()
-    own: dict[tuple[int, int], dist.ProcessGroup] = {}
-    for ranks in pipelines:
-        for sender, receiver in sorted(set(pairs)):
-            group = dist.new_group([ranks[sender], ranks[receiver]])
-            if me in (ranks[sender], ranks[receiver]):
-                own[(sender, receiver)] = group
-    logger.debug("rank %d: %d p2p channels", me, len(own))
-    return own
 
 
 class P2P:
@@ -94,6 +70,10 @@ class P2P:
         group: the pipeline-parallel group (None: the default group, pipeline rank = global rank).
         channels: optional group per (sender, receiver) pair; pairs not in it use ``group``.
         timeout_s: the longest any single wait may take.
+        waits: ``"blocking"`` (the host waits, with the timeout) or ``"watchdog"`` (the host
+            does not wait; ``watchdog`` enforces the timeout).
+        watchdog: the Watchdog of ``waits="watchdog"`` (default: a new one).
+        completions: RECV action -> this rank's SEND actions complete once it has arrived.
     """
 
     def __init__(
@@ -105,13 +85,24 @@ class P2P:
         group: dist.ProcessGroup | None = None,
         channels: Channels | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        waits: Waits = "blocking",
+        watchdog: Watchdog | None = None,
+        completions: Mapping[Action, Sequence[Action]] | None = None,
     ) -> None:
+        if waits not in ("blocking", "watchdog"):
+            raise ValueError(f"waits must be 'blocking' or 'watchdog', got {waits!r}")
         self.placement = placement
         self.rank = rank
         self.make_buffer = make_buffer
         self.group = group
         self.channels = dict(channels or {})
         self.timeout_s = timeout_s
+        self.waits = waits
+        self.watchdog = None if waits == "blocking" else (watchdog or Watchdog())
+        self.completions = completions or {}
+        self.held_bytes = 0
+        """Bytes of send payloads kept alive now (until each send is known complete)."""
+        self.peak_held_bytes = 0
         self._receives: dict[Action, _Message] = {}
         self._sends: dict[Action, _Message] = {}
 
@@ -136,8 +127,7 @@ class P2P:
             raise RuntimeError(f"rank {self.rank}: {action} posted twice")
         peer = self.peer_of(action)
         buffer = self.make_buffer(action)
-        work = dist.irecv(buffer, src=self._global_rank(peer), group=self._channel(peer, self.rank))
-        self._receives[action] = _Message(action, peer, buffer, work)
+        self._receives[action] = _Message(action, peer, buffer, self._start_recv(buffer, peer))
 
     def wait_recv(self, action: Action) -> torch.Tensor:
         """Wait (with timeout) for a posted receive; return its buffer."""
@@ -148,6 +138,8 @@ class P2P:
                 f"RECV before its consumer?"
             )
         self._wait(message, "from")
+        for send in self.completions.get(action, ()):
+            self.complete_send(send)
         return message.tensor
 
     def send(self, action: Action, tensor: torch.Tensor) -> None:
@@ -156,24 +148,31 @@ class P2P:
             raise RuntimeError(f"rank {self.rank}: {action} sent twice")
         peer = self.peer_of(action)
         payload = tensor.detach().contiguous()
-        work = dist.isend(
-            payload, dst=self._global_rank(peer), group=self._channel(self.rank, peer)
-        )
-        self._sends[action] = _Message(action, peer, payload, work)
+        self._sends[action] = _Message(action, peer, payload, self._start_send(payload, peer))
+        self.held_bytes += payload.nbytes
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
 
     def complete_send(self, action: Action) -> None:
         """Wait for a send started earlier, if it is still held (no-op otherwise)."""
         message = self._sends.pop(action, None)
         if message is not None:
             self._wait(message, "to")
+            self.held_bytes -= message.tensor.nbytes
 
     def release_completed(self) -> None:
         """Drop the oldest sends while they are known complete (NCCL reports completion; gloo
-        only after a wait, so there this waits for nothing and keeps them for ``finish``)."""
-        for action, message in list(self._sends.items()):
-            if message.work is not None and not message.work.is_completed():
-                return
+        only after a wait, so there this waits for nothing and keeps them for ``finish``); with
+        a watchdog, forget the waited works that completed; raise a missed deadline."""
+        sends = self._sends
+        while sends:
+            action = next(iter(sends))
+            work = sends[action].work
+            if work is not None and not work.is_completed():
+                break
             self.complete_send(action)
+        if self.watchdog is not None:
+            self.watchdog.release_completed()
+            self.watchdog.check()
 
     def finish(self) -> None:
         """Complete every held send, oldest first (call once the program has run)."""
@@ -186,19 +185,36 @@ class P2P:
         sends = [f"{m.action} to rank {m.peer}" for m in self._sends.values()]
         return receives + sends
 
+    def _start_send(self, payload: torch.Tensor, peer: int) -> dist.Work:
+        return dist.isend(payload, dst=self._global_rank(peer), group=self._channel(self.rank, peer))
+
+    def _start_recv(self, buffer: torch.Tensor, peer: int) -> dist.Work:
+        return dist.irecv(buffer, src=self._global_rank(peer), group=self._channel(peer, self.rank))
+
     def _wait(self, message: _Message, preposition: str) -> None:
         if message.work is None:
             return
+        action = message.action
+        what = (
+            f"{action.kind.value} of stage {action.stage} microbatch {action.microbatch} "
+            f"{preposition} rank {message.peer}"
+        )
         started = time.perf_counter()
         try:
-            message.work.wait(timedelta(seconds=self.timeout_s))
+            if self.watchdog is None:
+                message.work.wait(timedelta(seconds=self.timeout_s))
+            else:
+                self.watchdog.check()
+                message.work.wait()
+                self.watchdog.watch(
+                    message.work,
+                    self.timeout_s,
+                    f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}",
+                )
         except RuntimeError as error:
+            if isinstance(error, P2PTimeoutError):
+                raise
             elapsed = time.perf_counter() - started
-            action = message.action
-            what = (
-                f"{action.kind.value} of stage {action.stage} microbatch {action.microbatch} "
-                f"{preposition} rank {message.peer}"
-            )
             text = str(error).lower()
             if "timed out" in text or "timeout" in text or elapsed >= self.timeout_s:
                 failure: P2PError = P2PTimeoutError(

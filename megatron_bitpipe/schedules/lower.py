@@ -11,10 +11,12 @@ Rules (deterministic, so every rank derives the same message order):
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict, deque
 
 from megatron_bitpipe.schedules.errors import ScheduleError
 from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
+from megatron_bitpipe.schedules.placement import Placement
 from megatron_bitpipe.schedules.validate import Message, messages_of
 
 
@@ -116,3 +118,44 @@ def _add_reduce_grad(
         lowered += program[taken:]
         result.append(tuple(lowered))
     return tuple(result)
+
+
+def send_completions(lowered: Schedule) -> tuple[dict[Action, tuple[Action, ...]], ...]:
+    """Per rank: RECV action -> the rank's earlier SEND actions known complete once it arrived.
+
+    A send from rank S to rank R is complete once R has posted the matching receive (gloo and
+    NCCL both hand the data over then, without S). R's messages to S that R sends after that
+    post prove it: the first of them S receives completes the send. Waiting for it there costs
+    nothing, while gloo reports a send complete only when waited on; without this, a sent
+    activation would stay alive until its backward (its gradient is one such proof) and a sent
+    gradient until the end of the step.
+    """
+    placement = lowered.placement
+    stage_rank = placement.stage_ranks
+    positions = [{action: index for index, action in enumerate(program)} for program in lowered.programs]
+    sends_to: dict[tuple[int, int], list[tuple[int, Action]]] = defaultdict(list)
+    for rank, program in enumerate(lowered.programs):
+        for index, action in enumerate(program):
+            if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B:
+                sends_to[(rank, stage_rank[_counterpart(action, placement).stage])].append((index, action))
+    result: list[dict[Action, list[Action]]] = [defaultdict(list) for _ in lowered.programs]
+    for (sender, receiver), sends in sends_to.items():
+        replies = sends_to.get((receiver, sender), [])
+        reply_positions = [index for index, _ in replies]
+        proofs = [_counterpart(reply, placement) for _, reply in replies]
+        proof_positions = [positions[sender][proof] for proof in proofs]
+        for sent_at, send in sends:
+            posted_at = positions[receiver][_counterpart(send, placement)]
+            # replies sent after the receive was posted, and received after the send was made
+            first = bisect.bisect_right(reply_positions, posted_at)
+            first = max(first, bisect.bisect_right(proof_positions, sent_at))
+            if first < len(proofs):
+                result[sender][proofs[first]].append(send)
+    return tuple({recv: tuple(sends) for recv, sends in per_rank.items()} for per_rank in result)
+
+
+def _counterpart(send: Action, placement: Placement) -> Action:
+    """The RECV action on the peer that receives ``send``'s message."""
+    if send.kind is Kind.SEND_F:
+        return Action(placement.next_stage(send.stage), Kind.RECV_F, send.microbatch)
+    return Action(placement.prev_stage(send.stage), Kind.RECV_B, send.microbatch)

@@ -78,6 +78,10 @@ class Placement:
     def is_last(self, stage: int) -> bool:
         return self.position(stage) == self.stages_per_pipeline - 1
 
+    def loss_ranks(self) -> frozenset[int]:
+        """Ranks that hold a last stage: the ones that compute a loss."""
+        return frozenset(self.rank_of(stage) for stage in range(self.num_stages) if self.is_last(stage))
+
     def replica_of(self, stage: int) -> int | None:
         """The same layers in the other pipeline, or None for single-direction placements."""
         if self.num_pipelines == 1:

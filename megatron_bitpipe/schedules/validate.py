@@ -13,7 +13,14 @@ from __future__ import annotations
 from collections import defaultdict, deque
 
 from megatron_bitpipe.schedules.errors import ScheduleError
-from megatron_bitpipe.schedules.ir import COMM_KINDS, Action, Kind, Schedule, produces, requires
+from megatron_bitpipe.schedules.ir import (
+    COMM_KINDS,
+    Action,
+    Kind,
+    Schedule,
+    produces,
+    requires,
+)
 
 Message = tuple[int, int, str, int, int]  # (sender, receiver, "F"|"B", producing stage, microbatch)
 

@@ -57,7 +57,11 @@ from megatron_bitpipe.schedules.vshape_common import (
     _PeriodicProgram,
     _shifted,
 )
-from megatron_bitpipe.schedules.vshape_zb import _zb_steady_periods, check_v_zb, generate_v_zb
+from megatron_bitpipe.schedules.vshape_zb import (
+    _zb_steady_periods,
+    check_v_zb,
+    generate_v_zb,
+)
 
 __all__ = [
     "DOWN",

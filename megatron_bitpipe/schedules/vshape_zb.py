@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from megatron_bitpipe.schedules.errors import ScheduleConfigError, ScheduleError
-from megatron_bitpipe.schedules.ir import Action, Kind, Schedule, F, I, W
+from megatron_bitpipe.schedules.ir import Action, F, I, Kind, Schedule, W
 from megatron_bitpipe.schedules.placement import Placement, vshape
 from megatron_bitpipe.schedules.vshape_common import (
     DOWN,
