@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=1e-4)
     add("--weight-decay", type=float, default=0.01)
     add("--adam-eps", type=float, default=1e-8)
-    add("--clip-grad", type=float, default=1.0, help="forced to 0 without CUDA")
+    add("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
     add(
         "--hidden-dropout",
         type=float,
@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--attention-dropout", type=float, default=0.0)
     add("--seed", type=int, default=1234)
-    add("--bf16", action="store_true", help="bf16 parameters and activations (PP=1 for now)")
+    add("--bf16", action="store_true", help="bf16 parameters and activations, fp32 main weights")
+    add("--fp16", action="store_true", help="fp16 with megatron's dynamic loss scaling")
+    add("--loss-scale", type=float, default=None, help="static loss scale (fp16); default dynamic")
+    add("--initial-loss-scale", type=float, default=2.0**32)
+    add("--min-loss-scale", type=float, default=1.0)
+    add("--loss-scale-window", type=float, default=1000)
+    add("--hysteresis", type=int, default=2)
     add("--sequence-parallel", action="store_true")
     add("--untie-embeddings-and-output-weights", action="store_true")
     add("--use-distributed-optimizer", action="store_true")
@@ -104,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Chrome trace (JSON) of the last iteration's actions (registry "
         "schedules only); {schedule} is replaced by the schedule name",
+    )
+    add(
+        "--check-host-syncs",
+        action="store_true",
+        help="fail if the forward-backward step makes a host sync after iteration 1 (CUDA: "
+        "torch.cuda.set_sync_debug_mode('error'); everywhere: a count of the calls known to sync)",
+    )
+    add(
+        "--measure-memory",
+        action="store_true",
+        help="log each rank's peak memory during the last iteration's forward-backward step "
+        "(CUDA: max_memory_allocated; CPU: bytes counted by torch's profiler)",
     )
     add(
         "--save-params",
@@ -179,11 +197,7 @@ def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str)
         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}",
     )
     _check_model_shape(args, tp)
-    _require(
-        not args.bf16 or pp == 1,
-        f"--bf16 runs with --pipeline-model-parallel-size 1 only for now (got {pp}): megatron's "
-        f"Float16Module casts by megatron's own first/last-stage predicates, not our placements",
-    )
+    _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 exclude each other")
     num_microbatches = args.global_batch_size // per_step
     placement, options, virtual_size = _resolve_schedule(args, schedule, pp, num_microbatches)
     stages = placement.stages_per_pipeline

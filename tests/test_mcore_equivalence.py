@@ -20,6 +20,7 @@ Bidirectional schedules also log that the two replicas of every stage are bitwis
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -41,6 +42,10 @@ MODEL = (
 BIDIRECTIONAL = {"bitpipe", "bitpipe-official", "chimera"}
 STASH = re.compile(r"stashed activations per pipeline rank: measured (\[.*?\]), simulated (\[.*?\])")
 LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
+GRAD_NORM = re.compile(r"iteration\s+\d+/\s*\d+ \|.* grad norm: ([0-9.E+-]+) \|")
+SKIPPED = re.compile(r"number of skipped iterations:\s+(\d+) \|")
+PEAK = re.compile(r"peak activation memory per rank \(bytes\): (\[.*?\])")
+HELD = re.compile(r"of which sends not yet known complete, per rank \(bytes\): (\[.*?\])")
 
 
 def launch(processes: int, arguments: list[str], timeout: int = 420) -> str:
@@ -78,6 +83,18 @@ def logged_losses(log: str) -> list[float]:
     return [float(value) for _, value in LOSS.findall(log)]
 
 
+def logged_list(pattern: re.Pattern, log: str) -> list[int]:
+    """The per-rank list a log line holds, e.g. ``[1257428, 948176, 650188, 351216]``."""
+    match = pattern.search(log)
+    assert match is not None, pattern.pattern
+    return json.loads(match.group(1))
+
+
+def logged_grad_norms(log: str) -> list[float]:
+    """megatron's gradient norm of every iteration that updated (clipping uses it)."""
+    return [float(value) for value in GRAD_NORM.findall(log)]
+
+
 def worst_relative(reference: dict, other: dict) -> float:
     """max over tensors of max|a - b| / max|a|."""
     assert set(reference) == set(other), sorted(set(reference) ^ set(other))
@@ -91,6 +108,7 @@ def assert_matches(
     reference: dict, saved: dict, reference_log: str, log: str, schedule: str
 ) -> None:
     assert logged_losses(log) == pytest.approx(logged_losses(reference_log), rel=1e-5), schedule
+    assert logged_grad_norms(log) == pytest.approx(logged_grad_norms(reference_log), rel=1e-5), schedule
     assert saved["lm_loss"] == pytest.approx(reference["lm_loss"], rel=1e-5), schedule
     assert saved["validation_lm_loss"] == pytest.approx(reference["validation_lm_loss"], rel=1e-5)
     if saved["first_gradients"]:
@@ -178,19 +196,102 @@ def test_every_schedule_trains_like_one_process(layout, references, tmp_path):
             assert Path(trace.replace("{schedule}", schedule)).stat().st_size > 0
 
 
-def test_bf16_trains_close_to_fp32_on_one_process(references):
-    """bf16 (PP=1, Float16Module + megatron's fp32 main-param optimizer) tracks the fp32 run."""
-    reference, reference_log = references[False]
-    log = launch(1, ["--pipeline-schedule", "none", "--bf16"])
-    bf16, fp32 = logged_losses(log), logged_losses(reference_log)
+@pytest.fixture(scope="module")
+def half_precision_references() -> dict[str, str]:
+    """Single-process logs in bf16, and in fp16 with a loss scale that overflows twice."""
+    return {flag: launch(1, ["--pipeline-schedule", "none", *FLAGS[flag]]) for flag in FLAGS}
+
+
+FLAGS = {
+    "bf16": ["--bf16"],
+    "fp16": ["--fp16", "--initial-loss-scale", str(2**22), "--hysteresis", "1"],
+}
+
+
+def test_bf16_trains_close_to_fp32_on_one_process(references, half_precision_references):
+    """bf16 (Float16Module + megatron's fp32 main-param optimizer) tracks the fp32 run."""
+    bf16, fp32 = logged_losses(half_precision_references["bf16"]), logged_losses(references[False][1])
     assert len(bf16) == len(fp32) == 5
     assert bf16 == pytest.approx(fp32, rel=1e-2)
     assert bf16 != fp32  # bf16 really ran: its rounding shows in the losses
 
 
-def test_bf16_with_pipeline_parallelism_is_rejected_before_any_process_group():
+def test_bf16_at_pp4_tracks_the_bf16_single_process_run_for_v_and_bidirectional(
+    half_precision_references,
+):
+    """Casts follow each chunk's own pre/post process: rank 3 of bitpipe holds middle stages."""
+    schedules = ["bitpipe", "v-half", "chimera"]
+    log = launch(4, ["--pipeline-model-parallel-size", "4", "--bf16", "--pipeline-schedule", ",".join(schedules)])
+    expected = logged_losses(half_precision_references["bf16"])
+    for schedule, part in sections(log).items():
+        assert logged_losses(part) == pytest.approx(expected, rel=1e-2), schedule
+        assert "bitwise identical" in part or schedule == "v-half"
+
+
+def test_fp16_skips_the_same_iterations_as_one_process_on_both_replicas(half_precision_references):
+    """Dynamic loss scaling: overflowing steps are skipped on every rank alike (the replicas
+    stay bitwise identical) and the scale falls as on one process."""
+    reference = half_precision_references["fp16"]
+    skipped = SKIPPED.findall(reference)
+    assert skipped[:3] == ["1", "1", "0"]  # the test sees skips and updates
+    log = launch(4, ["--pipeline-model-parallel-size", "4", *FLAGS["fp16"], "--pipeline-schedule", "bitpipe,chimera"])
+    for schedule, part in sections(log).items():
+        assert SKIPPED.findall(part) == skipped, schedule
+        assert logged_losses(part) == pytest.approx(logged_losses(reference), rel=1e-4), schedule
+        assert "the replicas of every stage are bitwise identical" in part, schedule
+
+
+def test_clipping_counts_each_stage_once_with_two_replicas(tmp_path):
+    """--clip-grad 0.05 clips every step (the norm is ~1.5): the plain optimizer sees both
+    replicas in its norm group, the distributed one shards each stage over the replica pair."""
+    clip = ["--clip-grad", "0.05"]
+    reference = launch(1, ["--pipeline-schedule", "none", *clip])
+    assert min(logged_grad_norms(reference)) > 0.05
+    runs = {
+        "pp4": launch(4, ["--pipeline-model-parallel-size", "4", *clip, "--pipeline-schedule", "bitpipe,chimera"]),
+        "dp2-pp2-distributed-optimizer": launch(
+            4,
+            [
+                "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
+                "--overlap-grad-reduce", *clip, "--pipeline-schedule", "bitpipe",
+            ],
+        ),
+    }
+    for layout, log in runs.items():
+        parts = sections(log) or {"bitpipe": log}
+        for schedule, part in parts.items():
+            assert logged_grad_norms(part) == pytest.approx(logged_grad_norms(reference), rel=1e-5), (layout, schedule)
+            assert logged_losses(part) == pytest.approx(logged_losses(reference), rel=1e-5), (layout, schedule)
+
+
+def test_steps_make_no_host_sync_and_hold_megatrons_memory():
+    """From iteration 2 the forward-backward step makes none of the calls that wait for a GPU;
+    on the same order, each rank's peak memory is megatron's own, plus on gloo the sends not yet
+    known complete (gloo reports a send complete only once waited on)."""
+    schedules = [
+        "1f1b", "megatron-1f1b", "interleaved-1f1b", "megatron-interleaved", "bitpipe", "chimera", "v-zb",
+    ]
+    log = launch(
+        4,
+        [
+            "--pipeline-model-parallel-size", "4", "--virtual-pipeline-model-parallel-size", "2",
+            "--check-host-syncs", "--measure-memory", "--pipeline-schedule", ",".join(schedules),
+        ],
+    )
+    parts = sections(log)
+    assert list(parts) == schedules
+    for schedule, part in parts.items():
+        assert "host syncs in the step (iterations 2-5): none" in part, schedule
+    for ours, theirs in (("1f1b", "megatron-1f1b"), ("interleaved-1f1b", "megatron-interleaved")):
+        peak, held = logged_list(PEAK, parts[ours]), logged_list(HELD, parts[ours])
+        reference = logged_list(PEAK, parts[theirs])
+        for rank in range(4):
+            assert 0.95 * reference[rank] <= peak[rank] <= reference[rank] + held[rank], (ours, rank)
+
+
+def test_bf16_and_fp16_exclude_each_other_before_any_process_group():
     from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
 
-    args = build_parser().parse_args([*MODEL, "--pipeline-model-parallel-size", "2", "--bf16"])
-    with pytest.raises(ArgumentsError, match="--bf16 runs with --pipeline-model-parallel-size 1"):
+    args = build_parser().parse_args([*MODEL, "--pipeline-model-parallel-size", "2", "--bf16", "--fp16"])
+    with pytest.raises(ArgumentsError, match="--bf16 and --fp16 exclude each other"):
         validate_args(args, world_size=2)

@@ -15,7 +15,10 @@ import torch
 from megatron.core.pipeline_parallel import schedules
 
 # torch's own I/W split (zero-bubble schedules); private, present since torch 2.5
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+from torch.distributed.pipelining._backward import (
+    stage_backward_input,
+    stage_backward_weight,
+)
 
 from megatron_bitpipe.mcore import compat
 from megatron_bitpipe.mcore.cpu import compute_device
@@ -63,9 +66,10 @@ class MicrobatchFeed:
 class MegatronCallbacks:
     """One rank's model work for the Executor, for one forward_backward call.
 
-    ``loss_scale`` multiplies each microbatch's loss before backward: the number of replicas of
-    each stage, so that DDP's average over the gradient group (replicas x data parallel) is a
-    sum over the replicas and an average over data parallel.
+    ``loss_scale`` multiplies each microbatch's loss before backward (the replica count when the
+    chunks' DDP averages over the replicas rather than summing; see ``mcore.groups.wrap_ddp``). ``release_outputs``: pseudo-free a
+    sent output at once (megatron's ``deallocate_output_tensor``, when the config asks for it);
+    off for schedules that split the backward, whose I goes through ``torch.autograd.grad``.
     """
 
     model: Sequence[torch.nn.Module]
@@ -80,6 +84,7 @@ class MegatronCallbacks:
     collect_non_loss_data: bool = False
     first_microbatch: dict[int, int] = field(default_factory=dict)
     first_val_step: bool | None = None
+    release_outputs: bool = True
     outputs: list[tuple[int, Any]] = field(default_factory=list)
     total_num_tokens: torch.Tensor = field(
         default_factory=lambda: torch.zeros([], dtype=torch.int, device=compute_device())
@@ -111,7 +116,8 @@ class MegatronCallbacks:
             is_last_stage=self.placement.is_last(stage),
         )
         self.outputs.extend((microbatch, item) for item in store)
-        self.total_num_tokens += num_tokens.to(self.total_num_tokens.device)
+        # as megatron's schedules do: a CPU scalar adds without a copy, a device one stays there
+        self.total_num_tokens += num_tokens
         if self.placement.is_last(stage) and self.loss_scale != 1.0 and not self.forward_only:
             output_tensor = output_tensor * self.loss_scale
         return output_tensor
@@ -126,8 +132,9 @@ class MegatronCallbacks:
     ) -> torch.Tensor | None:
         """megatron's backward_step; returns the gradient for the previous stage.
 
-        The output's data is released first, as megatron's schedules do after its send: by now
-        the send is complete (the gradient came back) and a same-rank consumer holds an alias.
+        An output that has a gradient was sent or handed over; if it still holds its data (a
+        same-rank hand-over, whose consumer has its own alias), it is released now, because
+        megatron's backward with ``deallocate_pipeline_outputs`` expects a pseudo-freed output.
         """
         chunk = self.model[self.placement.chunk_of(stage)]
         if output_grad is not None:
@@ -135,6 +142,17 @@ class MegatronCallbacks:
                 output_tensor, self.config.deallocate_pipeline_outputs
             )
         return compat.backward_step(chunk, input_tensor, output_tensor, output_grad, self.config)
+
+    def release_output(self, stage: int, microbatch: int, output_tensor: torch.Tensor) -> None:
+        """Right after the output's isend, as megatron does: its data goes, its graph stays.
+
+        The P2P keeps its own reference to the payload until the send completes, so the storage
+        lives exactly as long as the transfer needs it.
+        """
+        if self.release_outputs:
+            schedules.deallocate_output_tensor(
+                output_tensor, self.config.deallocate_pipeline_outputs
+            )
 
     def backward_input(
         self,

@@ -58,3 +58,24 @@ def backward_step(
 def get_forward_backward_func_parameters() -> tuple[str, ...]:
     """Names ``get_forward_backward_func`` accepts (0.19 added ``schedule_pg_collection``)."""
     return tuple(inspect.signature(schedules.get_forward_backward_func).parameters)
+
+
+def scale_gradient_reduction(ddp: Any, factor: float) -> None:
+    """Multiply the factor megatron's DDP applies to gradients before reducing them.
+
+    0.16-0.19 keep it on every bucket (``bucket.gradient_scaling_factor``, applied in
+    ``start_grad_sync`` before the all-reduce / reduce-scatter) and on its buffer (``buffers``
+    and ``expert_parallel_buffers``), from where later buckets would copy it.
+    """
+    buffers = [*getattr(ddp, "buffers", ()), *getattr(ddp, "expert_parallel_buffers", ())]
+    buckets = [bucket for buffer in buffers for bucket in getattr(buffer, "buckets", ())]
+    if not buckets or not all(hasattr(b, "gradient_scaling_factor") for b in buckets):
+        found = ".".join(map(str, version()))
+        raise RuntimeError(
+            f"megatron-core {found}: DistributedDataParallel keeps no per-bucket "
+            f"gradient_scaling_factor; megatron_bitpipe cannot make it sum over the replicas"
+        )
+    for buffer in buffers:
+        buffer.gradient_scaling_factor *= factor
+    for bucket in buckets:
+        bucket.gradient_scaling_factor *= factor

@@ -54,13 +54,17 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def config_overrides() -> dict[str, Any]:
+def config_overrides(*, overlap_p2p_comm: bool = False) -> dict[str, Any]:
     """TransformerConfig settings a CPU run needs.
 
-    No CUDA synchronize after batched p2p; and outputs are not pseudo-freed: megatron frees a
-    sent output's storage right after posting its isend, which gloo may still be reading.
+    No CUDA synchronize after batched p2p. With ``overlap_p2p_comm`` (megatron's interleaved
+    schedule at PP=2), outputs are not pseudo-freed: megatron frees a sent output's storage right
+    after posting its isend without waiting, and gloo may still be reading it. Without overlap
+    megatron waits for its sends first, and our executor keeps the payload alive itself.
     """
-    return {"batch_p2p_sync": False, "deallocate_pipeline_outputs": False} if needed() else {}
+    if not needed():
+        return {}
+    return {"batch_p2p_sync": False, "deallocate_pipeline_outputs": not overlap_p2p_comm}
 
 
 def _is_cuda(device: object) -> bool:

@@ -54,14 +54,20 @@ class MockGPTData:
             "loss_mask": torch.ones(self.micro_batch_size, self.seq_length),
             "position_ids": positions.contiguous(),
         }
-        device = compute_device()
-        return {key: value.to(device) for key, value in batch.items()}
+        return to_device(batch, compute_device())
 
     def iterator(self, num_iterations: int, first_iteration: int = 0) -> Iterator[Batch]:
         """Microbatches 0..N-1 of each iteration in turn."""
         for iteration in range(first_iteration, first_iteration + num_iterations):
             for microbatch in range(self.num_microbatches):
                 yield self.batch(iteration, microbatch)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Copy a batch to ``device`` without making the host wait: from pinned memory on CUDA."""
+    if device.type == "cuda":
+        return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def forward_step(

@@ -4,11 +4,13 @@
     losses = get_forward_backward_func()(forward_step_func=..., data_iterator=..., model=chunks,
                                          num_microbatches=N, seq_length=s, micro_batch_size=b)
 
-Roughly: plan the schedule for (D, N) with the registry and lower it (cached), build the
-MegatronCallbacks for this call, run this rank's program with the runtime Executor, then
-finalize gradients (finish the replica / data-parallel reductions the REDUCE_GRAD actions
-started, tie local embeddings) and return the loss dicts of every microbatch on ranks that
-compute a loss ([] elsewhere), in microbatch order.
+Roughly: plan the schedule for (D, N) with the registry and lower it (cached), refuse the
+megatron features the executor cannot honour, build the MegatronCallbacks for this call, run this
+rank's program with the runtime Executor, then finalize gradients (finish the replica /
+data-parallel reductions the REDUCE_GRAD actions started, tie local embeddings) and return the
+loss dicts of every microbatch on ranks that compute a loss ([] elsewhere), in microbatch order.
+After the first call the step makes no host synchronization: receives, sends and the loss
+reduction only order the device's streams (``communication``, ``losses``).
 """
 
 from __future__ import annotations
@@ -21,15 +23,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.utils import get_model_config
 
+from megatron_bitpipe.mcore import communication
 from megatron_bitpipe.mcore.callbacks import MegatronCallbacks, MicrobatchFeed
 from megatron_bitpipe.mcore.cpu import compute_device
-from megatron_bitpipe.mcore.model import tie_embedding_grads, tied_embedding_pairs, unwrap
-from megatron_bitpipe.runtime import P2P, Executor, build_channels, forward_program, message_pairs
-from megatron_bitpipe.schedules import Action, Kind, Placement, Schedule, build, get, lower
+from megatron_bitpipe.mcore.features import check_supported
+from megatron_bitpipe.mcore.losses import reduce_losses
+from megatron_bitpipe.mcore.model import (
+    tie_embedding_grads,
+    tied_embedding_pairs,
+    unwrap,
+)
+from megatron_bitpipe.runtime import Executor, forward_program
+from megatron_bitpipe.runtime.clock import default_clock
+from megatron_bitpipe.schedules import (
+    Action,
+    Kind,
+    Placement,
+    Schedule,
+    build,
+    get,
+    lower,
+)
+from megatron_bitpipe.schedules.lower import send_completions
 
 _PATCH_SITES = (
     "megatron.core.pipeline_parallel.schedules",
@@ -50,9 +68,6 @@ class ScheduleChoice:
 class _State:
     choice: ScheduleChoice | None = None
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    channels: dict[tuple[Any, ...], dict[tuple[int, int], dist.ProcessGroup]] = field(
-        default_factory=dict
-    )
     last_executor: Executor | None = None
 
 
@@ -66,6 +81,13 @@ def plan(
     """(compute-only, lowered) schedule; errors name the setting and the rule."""
     schedule = build(choice.name, num_ranks, num_microbatches, **dict(choice.options))
     return schedule, lower(schedule, grad_sync=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _send_completions(
+    choice: ScheduleChoice, num_ranks: int, num_microbatches: int
+) -> tuple[dict[Action, tuple[Action, ...]], ...]:
+    return send_completions(plan(choice, num_ranks, num_microbatches)[1])
 
 
 def forward_backward_func(
@@ -98,8 +120,13 @@ def forward_backward_func(
     schedule, lowered = plan(choice, pp_group.size(), num_microbatches)
     placement, program = schedule.placement, lowered.programs[pp_rank]
     _check_model(chunks, placement, pp_rank, forward_only)
+    splits_backward = any(action.kind is Kind.I for action in program)
+    ddp_configs = [chunk.ddp_config for chunk in chunks if hasattr(chunk, "ddp_config")]
+    check_supported(choice.name, config, ddp_configs, splits_backward)
     if config.calculate_per_token_loss and placement.num_pipelines > 1:
         raise NotImplementedError(f"{choice.name}: calculate_per_token_loss with two pipelines")
+    if not communication.is_set_up(placement):
+        communication.setup_communication(placement, getattr(chunks[0], "bitpipe_groups", None))
     if config.timers is not None:
         config.timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
     callbacks = MegatronCallbacks(
@@ -110,16 +137,18 @@ def forward_backward_func(
         feed=_feed(data_iterator, placement, pp_rank, num_microbatches),
         num_microbatches=num_microbatches,
         cp_group_size=parallel_state.get_context_parallel_world_size(),
-        loss_scale=float(placement.num_pipelines),
+        loss_scale=_replica_loss_scale(chunks, placement),
         forward_only=forward_only,
         collect_non_loss_data=collect_non_loss_data,
         first_microbatch=_first_forward(program),
         first_val_step=first_val_step,
+        release_outputs=not splits_backward,
     )
     shape = _activation_shape(config, decoder_seq_length or seq_length, micro_batch_size)
-    executor = Executor(
-        placement, pp_rank, callbacks, _p2p(placement, pp_rank, pp_group, shape, config)
-    )
+    dtype = config.pipeline_dtype or config.params_dtype
+    completions = _send_completions(choice, pp_group.size(), num_microbatches)[pp_rank]
+    p2p = communication.p2p_for_step(placement, pp_rank, shape, dtype, completions)
+    executor = Executor(placement, pp_rank, callbacks, p2p, clock=default_clock())
     _STATE.last_executor = executor
     if forward_only:
         with torch.no_grad():
@@ -130,7 +159,24 @@ def forward_backward_func(
         _finalize(chunks, placement, config, callbacks, pg_collection, force_all_reduce)
     if config.timers is not None:
         config.timers("forward-backward").stop()
-    return _gather_losses(callbacks.outputs, placement, pp_rank, pp_group)
+    return reduce_losses(
+        callbacks.outputs,
+        placement,
+        pp_rank,
+        pp_group,
+        num_microbatches=num_microbatches,
+        device=compute_device(),
+        cache_key=(choice, num_microbatches, forward_only),
+        collect_non_loss_data=collect_non_loss_data,
+    )
+
+
+def _replica_loss_scale(chunks: list[Any], placement: Placement) -> float:
+    """1, or the replica count when DDP averages over the replicas instead of summing (chunks
+    not wrapped by ``mcore.groups.wrap_ddp``): doubling the loss then makes the average a sum."""
+    if placement.num_pipelines == 1 or all(getattr(c, "sums_replicas", False) for c in chunks):
+        return 1.0
+    return float(placement.num_pipelines)
 
 
 def _extra_arguments(rest: dict[str, Any]) -> tuple[ScheduleChoice, Any, bool]:
@@ -150,25 +196,6 @@ def _extra_arguments(rest: dict[str, Any]) -> tuple[ScheduleChoice, Any, bool]:
             f"forward_backward_func got unexpected arguments: {', '.join(sorted(rest))}"
         )
     return choice, pg_collection, force_all_reduce
-
-
-def _p2p(
-    placement: Placement,
-    pp_rank: int,
-    pp_group: dist.ProcessGroup,
-    shape: tuple[int, ...],
-    config: Any,
-) -> P2P:
-    """Order-matched p2p over the pipeline group; every message is one activation-shaped tensor."""
-    dtype = config.pipeline_dtype or config.params_dtype
-    device = compute_device()
-    return P2P(
-        placement,
-        pp_rank,
-        lambda action: torch.empty(shape, dtype=dtype, device=device),
-        group=pp_group,
-        channels=_channels(placement, pp_group),
-    )
 
 
 def last_executor() -> Executor | None:
@@ -229,21 +256,6 @@ def _activation_shape(config: Any, seq_length: int, micro_batch_size: int) -> tu
     return (length, micro_batch_size, config.hidden_size)
 
 
-def _channels(
-    placement: Placement, pp_group: dist.ProcessGroup
-) -> dict[tuple[int, int], dist.ProcessGroup] | None:
-    """One NCCL group per direction of each pair (NCCL serialises a shared communicator)."""
-    if dist.get_backend(pp_group) != "nccl":
-        return None
-    key = (placement, *dist.get_process_group_ranks(pp_group))
-    if key not in _STATE.channels:
-        pipelines: list[list[int]] = [[]] * dist.get_world_size()
-        dist.all_gather_object(pipelines, dist.get_process_group_ranks(pp_group))
-        unique = sorted({tuple(ranks) for ranks in pipelines})
-        _STATE.channels[key] = build_channels(message_pairs(placement), [list(r) for r in unique])
-    return _STATE.channels[key]
-
-
 def _no_sync(chunks: list[Any]) -> contextlib.ExitStack:
     """Hold back DDP's per-bucket launches: REDUCE_GRAD and finalize decide when to reduce."""
     stack = contextlib.ExitStack()
@@ -277,30 +289,6 @@ def _finalize(
         ordered, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce
     )
     tie_embedding_grads(chunks)
-
-
-def _gather_losses(
-    outputs: list[tuple[int, Any]], placement: Placement, pp_rank: int, pp_group: dist.ProcessGroup
-) -> list[Any]:
-    """All N loss dicts in microbatch order on the loss ranks and the last pipeline rank.
-
-    megatron's training loop logs what the last pipeline rank returns; when the heads live
-    elsewhere (V shape: rank 0) or on two ranks (Chimera, BitPipe), the dicts are exchanged
-    over the pipeline group. Other ranks get [].
-    """
-    loss_ranks = {
-        placement.rank_of(stage)
-        for stage in range(placement.num_stages)
-        if placement.is_last(stage)
-    }
-    last_rank = placement.num_ranks - 1
-    if loss_ranks != {last_rank}:
-        everyone: list[Any] = [None] * pp_group.size()
-        dist.all_gather_object(everyone, outputs, group=pp_group)
-        outputs = [pair for part in everyone for pair in part]
-    if pp_rank not in loss_ranks | {last_rank}:
-        return []
-    return [item for _, item in sorted(outputs, key=lambda pair: pair[0])]
 
 
 def install(schedule: str = "bitpipe", **options: Any) -> None:

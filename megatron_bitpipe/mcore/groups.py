@@ -13,11 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+)
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
-from megatron_bitpipe.mcore.model import unwrap
+from megatron_bitpipe.mcore import compat
+from megatron_bitpipe.mcore.model import global_parameter_names, unwrap
 from megatron_bitpipe.schedules.placement import Placement
 
 
@@ -103,25 +107,75 @@ def wrap_ddp(
     As Megatron-LM does, only the first chunk is split into buckets. With replicas, no chunk
     is: the two copies of a stage must build identical buckets (same collectives), and DDP
     itself never splits chunks of pipeline ranks > 0.
+
+    With replicas, the reduction over (replica pair x data parallel) must sum over the pair
+    and average over data parallel: each replica's gradient covers its own microbatches, with
+    the loss divided by all N. DDP divides by the whole group, so its factor is multiplied by
+    the number of replicas (``sums_replicas``), and the loss keeps megatron's scale: fp16 sees
+    the same gradient magnitudes, and so the same overflows, as one process.
     """
     replicated = groups.num_replicas > 1
     collection = groups.ddp_collection() if replicated else None
-    return [
-        DistributedDataParallel(
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        ddp = DistributedDataParallel(
             config,
             ddp_config,
             chunk,
             disable_bucketing=replicated or index > 0,
             pg_collection=collection,
         )
-        for index, chunk in enumerate(chunks)
-    ]
+        ddp.bitpipe_groups = groups
+        if replicated:
+            compat.scale_gradient_reduction(ddp, groups.num_replicas)
+        ddp.sums_replicas = replicated
+        wrapped.append(ddp)
+    return wrapped
+
+
+def mark_replica_duplicates(
+    model: list[torch.nn.Module], placement: Placement, *, distributed_optimizer: bool
+) -> None:
+    """Count each stage once in megatron's gradient norm (and zero count) with two replicas.
+
+    The plain optimizer reduces the norm over the model-parallel group, which holds both copies
+    of every stage: each would count twice and clipping at c would act like c / sqrt(2). The up
+    pipeline's parameters are marked ``shared`` (megatron's mark for a duplicate, the one its own
+    tied output layer carries), so only the down copy counts. The distributed optimizer needs no
+    mark: it shards each stage over the gradient group (replica pair x data parallel), so the
+    shards of the two copies together hold every element once. Call before building the optimizer.
+    """
+    if placement.num_pipelines == 1 or distributed_optimizer:
+        return
+    for chunk in model:
+        if placement.pipeline_of(_stage_of(chunk)) == 1:
+            for param in chunk.parameters():
+                param.shared = True
+
+
+def parameter_checksums(chunk: torch.nn.Module) -> torch.Tensor:
+    """Two int64 checksums per parameter, on the parameter's device: no copy of the chunk.
+
+    Column 0 sums the parameter's bit patterns as integers (wrapping), so any single changed
+    element changes it; column 1 holds the bits of the float64 sum of squares.
+    """
+    rows = []
+    for param in chunk.parameters():
+        data = param.detach()
+        bits = data.view(_INTEGER_OF_SIZE[data.element_size()])
+        squares = torch.linalg.vector_norm(data, dtype=torch.float64).square()
+        rows.append(torch.stack([bits.sum(dtype=torch.int64), squares.view(torch.int64)]))
+    return torch.stack(rows)
+
+
+_INTEGER_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @torch.no_grad()
 def assert_replicas_identical(model: list[torch.nn.Module], groups: GradientGroups) -> None:
     """Raise unless every member of each gradient group holds bitwise-equal parameters.
 
+    Compares per-parameter checksums (``parameter_checksums``), not copies of the weights.
     Chunks are visited by their stage's position in its pipeline, an order both replicas share.
     """
     if len(groups.ranks) == 1:
@@ -129,15 +183,19 @@ def assert_replicas_identical(model: list[torch.nn.Module], groups: GradientGrou
     placement = groups.placement
     by_position = sorted(model, key=lambda chunk: placement.position(_stage_of(chunk)))
     for chunk in by_position:
-        values = torch.cat([param.detach().reshape(-1).float() for param in chunk.parameters()])
-        highest, lowest = values.clone(), values.clone()
+        checksums = parameter_checksums(chunk)
+        highest, lowest = checksums.clone(), checksums.clone()
         dist.all_reduce(highest, op=dist.ReduceOp.MAX, group=groups.group)
         dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=groups.group)
-        if not torch.equal(highest, lowest):
-            stage = _stage_of(chunk)
+        differs = (highest != lowest).any(dim=1)
+        if bool(differs.any()):
+            names = global_parameter_names(unwrap(chunk))
+            local = [name for name, _ in unwrap(chunk).named_parameters()]
+            first = int(differs.nonzero()[0])
             raise AssertionError(
-                f"stage {stage}: parameters differ between the ranks {list(groups.ranks)} that "
-                f"hold copies of it (max abs diff {float((highest - lowest).abs().max()):.3e})"
+                f"stage {_stage_of(chunk)}: parameter {names[local[first]]} (and "
+                f"{int(differs.sum()) - 1} more) differs between the ranks {list(groups.ranks)} "
+                f"that hold copies of it"
             )
 
 

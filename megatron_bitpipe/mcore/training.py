@@ -6,42 +6,52 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import megatron.core.pipeline_parallel as mcore_pipeline_parallel
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import Float16Module
 
 from megatron_bitpipe.mcore import compat, cpu, forward_backward
+from megatron_bitpipe.mcore.communication import WAITS_VARIABLE, setup_communication
 from megatron_bitpipe.mcore.data import MockGPTData, forward_step
 from megatron_bitpipe.mcore.export import full_parameters, gather_to_first_rank
 from megatron_bitpipe.mcore.groups import (
     GradientGroups,
     assert_replicas_identical,
     create_gradient_groups,
+    mark_replica_duplicates,
     wrap_ddp,
 )
 from megatron_bitpipe.mcore.model import StageLayout, build_chunks, unwrap
-from megatron_bitpipe.schedules import Action, render
-from megatron_bitpipe.schedules.simulate import Event, peak_activations
+from megatron_bitpipe.mcore.precision import wrap_half_precision
+from megatron_bitpipe.mcore.reporting import (
+    IterationReport,
+    configure_logging,
+    log,
+    per_rank,
+    write_trace,
+)
+from megatron_bitpipe.runtime.host_syncs import HostSyncAudit
+from megatron_bitpipe.runtime.memory import PeakMemory
+from megatron_bitpipe.schedules.simulate import peak_activations
 
 if TYPE_CHECKING:
     from megatron_bitpipe.train import RunPlan
-
-logger = logging.getLogger("megatron_bitpipe.train")
 
 
 @dataclass
@@ -54,6 +64,8 @@ class _Session:
     optimizer: Any
     groups: GradientGroups
     step: Callable[..., list[Any]]
+    host_syncs: dict[str, list[Any]] = field(default_factory=dict)
+    peak_memory: int | None = None
 
     @property
     def tied(self) -> bool:
@@ -88,11 +100,11 @@ class _Session:
 def run(args: argparse.Namespace, plans: Sequence[RunPlan]) -> int:
     """Train each plan (one per schedule) in turn in one process group; 0 on success."""
     _init_distributed(args)
-    _configure_logging()
+    configure_logging()
     for plan in plans:
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
         if len(plans) > 1:
-            _log(f"schedule {plan.schedule}")
+            log(f"schedule {plan.schedule}")
         _run_schedule(_build(args, plan))
     dist.destroy_process_group()
     return 0
@@ -104,10 +116,18 @@ def _run_schedule(session: _Session) -> None:
     losses, first_gradients = _train(session)
     if plan.uses_registry:
         _check_stash_against_simulation(session)
+    if session.peak_memory is not None:
+        log(f"peak activation memory per rank (bytes): {per_rank(session.peak_memory)}")
+        executor = forward_backward.last_executor()
+        if plan.uses_registry and executor is not None and executor.p2p is not None:
+            held = per_rank(executor.p2p.peak_held_bytes)
+            log(f"of which sends not yet known complete, per rank (bytes): {held}")
+    if args.check_host_syncs:
+        _report_host_syncs(session)
     validation = _evaluate(session) if args.eval_iters else None
     assert_replicas_identical(session.model, session.groups)
     if plan.placement.num_pipelines > 1:
-        _log("the replicas of every stage are bitwise identical")
+        log("the replicas of every stage are bitwise identical")
     if args.save_params:
         parameters = gather_to_first_rank(
             full_parameters(session.model, plan.placement, tied=session.tied)
@@ -132,11 +152,11 @@ def _check_stash_against_simulation(session: _Session) -> None:
     schedule, _ = forward_backward.plan(choice, plan.placement.num_ranks, plan.num_microbatches)
     executor = forward_backward.last_executor()
     assert executor is not None
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    measured: list[int] = [0] * pp_group.size()
-    dist.all_gather_object(measured, executor.peak_live_activations, group=pp_group)
+    measured = per_rank(
+        executor.peak_live_activations, parallel_state.get_pipeline_model_parallel_group()
+    )
     simulated = list(peak_activations(schedule))
-    _log(f"stashed activations per pipeline rank: measured {measured}, simulated {simulated}")
+    log(f"stashed activations per pipeline rank: measured {measured}, simulated {simulated}")
     if measured != simulated:
         raise RuntimeError(
             f"{plan.schedule}: measured stash peaks {measured} differ from the simulated {simulated}"
@@ -153,8 +173,9 @@ def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         seed=args.seed,
     )
-    if args.bf16:
-        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    # before Float16Module and DDP: DDP allocates its buffers on the chunk's current device
+    device = cpu.compute_device()
+    chunks = wrap_half_precision([chunk.to(device) for chunk in chunks], config)
     groups = create_gradient_groups(plan.placement)
     assert_replicas_identical(chunks, groups)
     ddp_config = DistributedDataParallelConfig(
@@ -165,9 +186,14 @@ def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
     model = wrap_ddp(chunks, config, ddp_config, groups)
     config.no_sync_func = [chunk.no_sync for chunk in model] if len(model) > 1 else model[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    return _Session(
-        args, plan, model, _optimizer(args, model, plan), groups, _forward_backward_func(plan)
+    mark_replica_duplicates(
+        model, plan.placement, distributed_optimizer=args.use_distributed_optimizer
     )
+    optimizer = _optimizer(args, model, plan)
+    config.grad_scale_func = optimizer.scale_loss
+    if plan.uses_registry:
+        setup_communication(plan.placement, groups)
+    return _Session(args, plan, model, optimizer, groups, _forward_backward_func(plan))
 
 
 def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -183,20 +209,72 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         for chunk in session.model:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
-        loss = _average_loss(session.run_step(data_iterator, forward_only=False))
+        with _step_checks(session, iteration):
+            reported = session.run_step(data_iterator, forward_only=False)
+        loss = _average_loss(reported)
         if iteration == 1 and args.save_params and not args.use_distributed_optimizer:
             gradients = full_parameters(
                 session.model, plan.placement, tied=session.tied, gradients=True
             )
             first_gradients = gather_to_first_rank(gradients)
-        session.optimizer.step()
+        updated, grad_norm, _ = session.optimizer.step()
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if loss is not None:
             losses.append(loss)
-        _log(_format_log_line(session, iteration, elapsed_ms, loss))
+        report = IterationReport(
+            iteration=iteration,
+            train_iters=args.train_iters,
+            global_batch_size=args.global_batch_size,
+            elapsed_ms=elapsed_ms,
+            learning_rate=session.optimizer.param_groups[0]["lr"],
+            loss=loss,
+            loss_scale=float(session.optimizer.get_loss_scale()),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            skipped=not updated,
+        )
+        log(report.line())
         if trace_origin is not None:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
     return losses, first_gradients
+
+
+@contextlib.contextmanager
+def _step_checks(session: _Session, iteration: int) -> Iterator[None]:
+    """--measure-memory (last iteration) and --check-host-syncs (from iteration 2) around a step."""
+    args = session.args
+    with contextlib.ExitStack() as stack:
+        peak = None
+        if args.measure_memory and iteration == args.train_iters:
+            peak = stack.enter_context(PeakMemory())
+        audit = None
+        if args.check_host_syncs and iteration >= 2:
+            audit = stack.enter_context(HostSyncAudit())
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("error")
+                stack.callback(torch.cuda.set_sync_debug_mode, "default")
+        yield
+    if peak is not None:
+        session.peak_memory = peak.bytes
+    if audit is not None:
+        for name, (count, where) in audit.calls.items():
+            entry = session.host_syncs.setdefault(name, [0, where])
+            entry[0] += count
+
+
+def _report_host_syncs(session: _Session) -> None:
+    """Log the host syncs every rank's steps made after the first; raise if there were any."""
+    everyone = per_rank(session.host_syncs)
+    found = {
+        f"rank {rank}: {name} x{count} (first at {where})"
+        for rank, calls in enumerate(everyone)
+        for name, (count, where) in calls.items()
+    }
+    iterations = f"iterations 2-{session.args.train_iters}"
+    if found:
+        raise RuntimeError(
+            f"{session.plan.schedule}: host syncs in the step ({iterations}): " + "; ".join(sorted(found))
+        )
+    log(f"host syncs in the step ({iterations}): none")
 
 
 @torch.no_grad()
@@ -211,7 +289,7 @@ def _evaluate(session: _Session) -> float | None:
     if losses[0] is None:
         return None
     value = sum(losses) / len(losses)
-    _log(
+    log(
         f" validation loss at iteration {args.train_iters} | lm loss value: {value:.6E} | "
         f"lm loss PPL: {math.exp(min(20.0, value)):.6E} |"
     )
@@ -219,9 +297,14 @@ def _evaluate(session: _Session) -> float | None:
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
-    """CPU workarounds (without CUDA), the process group, megatron's parallel state."""
+    """CPU workarounds (without CUDA), the process group, megatron's parallel state.
+
+    ``--check-host-syncs`` audits NCCL's wait path (``watchdog``) on gloo as well.
+    """
     compat.check_version()
     cpu.apply()
+    if args.check_host_syncs:
+        os.environ.setdefault(WAITS_VARIABLE, "watchdog")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -229,24 +312,6 @@ def _init_distributed(args: argparse.Namespace) -> None:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
     )
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO if _is_logging_rank() else logging.WARNING)
-
-
-def _is_logging_rank() -> bool:
-    """Megatron-LM's print_rank_last: the last global rank (last pipeline stage)."""
-    return dist.get_rank() == dist.get_world_size() - 1
-
-
-def _log(line: str) -> None:
-    if _is_logging_rank():
-        logger.info(line)
 
 
 def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerConfig:
@@ -269,6 +334,7 @@ def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerC
         attention_dropout=args.attention_dropout,
         use_cpu_initialization=True,
         bf16=args.bf16,
+        fp16=args.fp16,
         params_dtype=_dtype(args),
         pipeline_dtype=_dtype(args),
         deallocate_pipeline_outputs=True,
@@ -276,24 +342,32 @@ def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerC
         overlap_p2p_comm=interleaved_on_two,
         batch_p2p_comm=not interleaved_on_two,
     )
-    settings.update(cpu.config_overrides())
+    settings.update(cpu.config_overrides(overlap_p2p_comm=interleaved_on_two))
     return TransformerConfig(**settings)
 
 
 def _dtype(args: argparse.Namespace) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float32
+    if args.bf16:
+        return torch.bfloat16
+    return torch.float16 if args.fp16 else torch.float32
 
 
 def _optimizer(args: argparse.Namespace, model: list[Any], plan: RunPlan) -> Any:
-    clip_grad = args.clip_grad if torch.cuda.is_available() else 0.0
+    """megatron's Adam: fp32 main parameters for bf16/fp16, dynamic loss scaling for fp16."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
         min_lr=args.lr,
         weight_decay=args.weight_decay,
         adam_eps=args.adam_eps,
-        clip_grad=clip_grad,
+        clip_grad=args.clip_grad,
         bf16=args.bf16,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
         params_dtype=_dtype(args),
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
@@ -321,31 +395,13 @@ def _average_loss(reported: list[Any]) -> float | None:
     return float(loss.item()) / group.size()
 
 
-def _format_log_line(
-    session: _Session, iteration: int, elapsed_ms: float, loss: float | None
-) -> str:
-    """One Megatron-LM training log line."""
-    args = session.args
-    text = f" [{time.strftime('%Y-%m-%d %H:%M:%S')}]"
-    text += f" iteration {iteration:8d}/{args.train_iters:8d} |"
-    text += f" consumed samples: {iteration * args.global_batch_size:12d} |"
-    text += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
-    text += f" learning rate: {session.optimizer.param_groups[0]['lr']:.6E} |"
-    text += f" global batch size: {args.global_batch_size:5d} |"
-    if loss is not None:
-        text += f" lm loss: {loss:.6E} |"
-    text += " loss scale: 1.0 | number of skipped iterations:   0 | number of nan iterations:   0 |"
-    return text
-
-
 def _trace_origin() -> float:
     dist.barrier()
     return time.perf_counter()
 
 
 def _write_trace(path: str, origin: float, plan: RunPlan) -> None:
-    """Every rank's measured compute spans of the last step (one track per global rank), written
-    by rank 0 as Chrome trace JSON to ``path`` and, with matplotlib, as a timeline PNG beside it."""
+    """Every rank's measured compute spans of the last step, relative to ``origin``."""
     executor = forward_backward.last_executor()
     trace = executor.trace if executor is not None else []
     spans = [
@@ -353,27 +409,4 @@ def _write_trace(path: str, origin: float, plan: RunPlan) -> None:
         for event in trace
         if event.action.is_compute
     ]
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.gather_object(spans, everyone if dist.get_rank() == 0 else None, dst=0)
-    if dist.get_rank() != 0:
-        return
-    events = [
-        Event(rank, Action.parse(action), start, end)
-        for rank, part in enumerate(everyone)
-        for action, start, end in part
-    ]
-    name = f"{plan.schedule} (measured)"
-    placement = plan.placement
-    render.write_chrome_trace(
-        path, events, name=name, placement=placement, time_unit=render.SECONDS
-    )
-    in_ms = [Event(e.rank, e.action, e.start * 1e3, e.end * 1e3) for e in events]
-    try:
-        render.plot_png(
-            render.measured_result(name, in_ms),
-            os.path.splitext(path)[0] + ".png",
-            title=f"{name}, ms",
-            placement=placement,
-        )
-    except ImportError as error:
-        logger.warning("no timeline PNG: %s", error)
+    write_trace(path, spans, f"{plan.schedule} (measured)", plan.placement)

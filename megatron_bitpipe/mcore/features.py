@@ -1,0 +1,48 @@
+"""megatron-core features our executor does not run correctly yet: refused, by name, up front.
+
+Each entry says what the feature is and why it is refused; ``check_supported`` raises one error
+listing every one that is switched on, before the first action runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+class UnsupportedFeatureError(NotImplementedError):
+    """A megatron-core setting the executor cannot honour; the text names it."""
+
+
+def unsupported_features(config: Any, ddp_configs: Sequence[Any], splits_backward: bool) -> list[str]:
+    """The settings of ``config`` (TransformerConfig) and the chunks' DDP configs we refuse."""
+    found = []
+    if splits_backward and getattr(config, "gradient_accumulation_fusion", False):
+        found.append(
+            "gradient_accumulation_fusion with a schedule that splits the backward into I and W "
+            "(the fused wgrad accumulates into main_grad in I and again in W: double-counted)"
+        )
+    if any(getattr(ddp, "overlap_param_gather", False) for ddp in ddp_configs):
+        found.append(
+            "overlap_param_gather (the distributed optimizer's parameter all-gather is hooked to "
+            "megatron's forward order, not the schedule's)"
+        )
+    if getattr(config, "enable_cuda_graph", False) or getattr(config, "external_cuda_graph", False):
+        found.append("CUDA graphs (enable_cuda_graph / external_cuda_graph)")
+    if getattr(config, "cuda_graph_impl", "none") not in ("none", None):
+        found.append(f"CUDA graphs (cuda_graph_impl={config.cuda_graph_impl!r})")
+    if getattr(config, "cpu_offloading", False):
+        found.append("activation offloading (cpu_offloading)")
+    if getattr(config, "fine_grained_activation_offloading", False):
+        found.append("activation offloading (fine_grained_activation_offloading)")
+    return found
+
+
+def check_supported(
+    schedule: str, config: Any, ddp_configs: Sequence[Any], splits_backward: bool
+) -> None:
+    """Raise UnsupportedFeatureError naming every refused setting that is on."""
+    found = unsupported_features(config, ddp_configs, splits_backward)
+    if found:
+        raise UnsupportedFeatureError(
+            f"{schedule}: not supported by megatron_bitpipe's executor yet: " + "; ".join(found)
+        )
