@@ -1,0 +1,140 @@
+"""The CUDA path on one GPU, in under five minutes: one line per check, PASS or FAIL.
+
+    bash scripts/gpu_check.sh          # sets up megatron-core if needed, then runs this
+
+Two ranks cannot share a GPU under NCCL, so everything here runs at PP=1 through our executor
+(the registry schedules that take one rank) against megatron-core's own
+``forward_backward_no_pipelining`` (``--pipeline-schedule none``), each in one process:
+
+1. fp32 and bf16: every PP=1 schedule's ``lm loss`` equals ``none``'s (fp32 to 1e-5, bf16 to 1e-2),
+   with ``--check-host-syncs`` on (``torch.cuda.set_sync_debug_mode("error")`` around every step
+   after the first, plus the call audit): a host sync fails the run;
+2. parity: bf16, 8 layers, hidden 2048, seq 1024, the step time of ``1f1b`` through our executor
+   against ``none`` (median of the iterations after the first two): ratio <= 1.02;
+3. memory: the same runs' peak memory during the step (``max_memory_allocated``): ours <= 1.05x.
+
+Exit status 1 when any check fails. Multi-GPU behaviour (NCCL channels, the set-up order, the
+loss reduction, replicas) rests on the CPU tests and the NCCL-rules replay (tests/test_nccl_rules.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+LOSS = re.compile(r"iteration\s+\d+/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
+STEP = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
+PEAK = re.compile(r"peak activation memory per rank \(bytes\): (\[.*?\])")
+PP1_SCHEDULES = ["none", "gpipe", "1f1b", "breadth-first", "zb-h1", "v-min", "v-half", "v-zb"]
+SMALL = (
+    "--num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256 --vocab-size 1024 "
+    "--micro-batch-size 2 --global-batch-size 16 --train-iters 4 --lr 1e-4 --seed 1234"
+).split()
+PARITY = (
+    "--num-layers 8 --hidden-size 2048 --num-attention-heads 16 --seq-length 1024 "
+    "--vocab-size 32000 --micro-batch-size 4 --global-batch-size 32 --train-iters 8 --lr 1e-5 "
+    "--seed 1234 --bf16 --measure-memory"
+).split()
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
+
+failures = 0
+
+
+def report(ok: bool, line: str) -> None:
+    global failures
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'} {line}", flush=True)
+
+
+def train(arguments: list[str]) -> tuple[int, str]:
+    """One trainer process on this GPU; (exit status, stdout + stderr)."""
+    command = [sys.executable, "-m", "megatron_bitpipe.train", *arguments]
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    return result.returncode, result.stdout + result.stderr
+
+
+def sections(log: str) -> dict[str, str]:
+    parts = re.split(r"^schedule (\S+)$", log, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def worst_relative(values: list[float], reference: list[float]) -> float:
+    if len(values) != len(reference) or not reference:
+        return float("inf")
+    return max(abs(a - b) / abs(b) for a, b in zip(values, reference, strict=True))
+
+
+def check_losses_and_syncs(precision: str) -> None:
+    flags = ["--bf16"] if precision == "bf16" else []
+    arguments = [*SMALL, *flags, "--check-host-syncs", "--virtual-pipeline-model-parallel-size", "2"]
+    status, log = train([*arguments, "--pipeline-schedule", ",".join(PP1_SCHEDULES)])
+    parts = sections(log)
+    if status != 0 or "none" not in parts:
+        report(False, f"{precision}: the run failed (exit {status}): {log[-1500:]}")
+        return
+    reference = [float(value) for value in LOSS.findall(parts["none"])]
+    for schedule in PP1_SCHEDULES[1:]:
+        losses = [float(value) for value in LOSS.findall(parts.get(schedule, ""))]
+        worst = worst_relative(losses, reference)
+        report(
+            worst <= TOLERANCE[precision],
+            f"{precision} {schedule}: lm loss equals none's (worst relative {worst:.1e}, "
+            f"bound {TOLERANCE[precision]:g}, {len(losses)} iterations)",
+        )
+    synced = [name for name, part in parts.items() if "host syncs in the step" not in part]
+    report(not synced, f"{precision}: no host sync in any step after the first (sync debug mode "
+           f"'error' and the call audit){'; failed: ' + ', '.join(synced) if synced else ''}")
+
+
+def check_parity_and_memory() -> None:
+    measured = {}
+    for schedule in ("none", "1f1b"):
+        status, log = train([*PARITY, "--pipeline-schedule", schedule])
+        steps = [float(value) for value in STEP.findall(log)]
+        peak = PEAK.search(log)
+        if status != 0 or len(steps) < 4 or peak is None:
+            report(False, f"parity run {schedule} failed (exit {status}): {log[-1500:]}")
+            return
+        measured[schedule] = (statistics.median(steps[2:]), json.loads(peak.group(1))[0])
+    (ours_ms, ours_bytes), (theirs_ms, theirs_bytes) = measured["1f1b"], measured["none"]
+    report(
+        ours_ms <= 1.02 * theirs_ms,
+        f"bf16 step time, 1f1b through our executor {ours_ms:.1f} ms vs megatron's "
+        f"forward_backward_no_pipelining {theirs_ms:.1f} ms: ratio {ours_ms / theirs_ms:.3f} (<= 1.02)",
+    )
+    report(
+        ours_bytes <= 1.05 * theirs_bytes,
+        f"peak memory of the step, ours {ours_bytes / 2**20:.1f} MiB vs megatron's "
+        f"{theirs_bytes / 2**20:.1f} MiB: ratio {ours_bytes / theirs_bytes:.3f} (<= 1.05)",
+    )
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("FAIL no CUDA device: scripts/gpu_check.sh needs a GPU", flush=True)
+        return 1
+    from megatron.core import package_info
+
+    started = time.perf_counter()
+    print(
+        f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"megatron-core {package_info.__version__}, Python {sys.version.split()[0]}",
+        flush=True,
+    )
+    check_losses_and_syncs("fp32")
+    check_losses_and_syncs("bf16")
+    check_parity_and_memory()
+    print(f"gpu_check: {failures} failed, {time.perf_counter() - started:.0f} s", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
