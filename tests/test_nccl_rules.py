@@ -17,7 +17,6 @@ from megatron_bitpipe.runtime import nccl_rules
 from megatron_bitpipe.runtime.channels import CommunicatorSpec, initialization_order, step_communicators
 from megatron_bitpipe.runtime.nccl_rules import NcclDeadlock, NcclMismatch
 from megatron_bitpipe.schedules import ScheduleConfigError, build, lower, names
-from megatron_bitpipe.schedules.ir import Kind
 
 OPTIONS = {"interleaved-1f1b": {"vp": 2}, "breadth-first": {"vp": 2}}
 BIDIRECTIONAL = ("bitpipe", "bitpipe-official", "chimera")

@@ -77,11 +77,8 @@ def setup_communication(
     pipelines = sorted({tuple(ranks) for ranks in _everyone(own_pipeline)})
     channels = [spec for spec in step_communicators(placement) if spec.sender is not None]
     created = create_groups([spec.on(ranks) for ranks in pipelines for spec in channels])
-    own = {
-        (spec.sender, spec.receiver): spec.on(own_pipeline)
-        for spec in channels
-        if me in spec.on(own_pipeline).ranks
-    }
+    mine = {(spec.sender, spec.receiver): spec.on(own_pipeline) for spec in channels}
+    own = {pair: spec for pair, spec in mine.items() if me in spec.ranks}
     _STATE.channels[key] = {pair: created[spec.name] for pair, spec in own.items()}
     entries = [(spec, created[spec.name]) for spec in own.values()]
     entries += [
