@@ -10,6 +10,7 @@ schedule, and both replicas of a bidirectional placement, start from identical w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import math
@@ -22,7 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megatron_bitpipe.mcore import specs
+from megatron_bitpipe.mcore import checkpointing, specs
 from megatron_bitpipe.mcore.specs import LayerSpec
 from megatron_bitpipe.schedules.placement import Placement
 
@@ -128,45 +129,59 @@ def ties_locally(placement: Placement) -> bool:
     return placement.stages_per_pipeline > 1
 
 
+ModelFactory = Callable[..., GPTModel]
+"""``factory(pre_process=, post_process=, vp_stage=, share_embeddings_and_output_weights=)``: one
+chunk's model, e.g. Megatron-LM's own model provider (``megatron_bitpipe.megatron_lm``)."""
+
+
 def build_chunks(
     config: TransformerConfig,
     placement: Placement,
     *,
-    vocab_size: int,
-    max_sequence_length: int,
     share_embeddings_and_output_weights: bool,
     seed: int,
+    vocab_size: int | None = None,
+    max_sequence_length: int | None = None,
     layer_spec: LayerSpec | None = None,
+    model_factory: ModelFactory | None = None,
 ) -> list[GPTModel]:
     """This rank's chunks (``model[c]`` holds stage ``rank_stages[pp_rank][c]``), initialised.
 
-    Shared embeddings are tied inside the rank when ``ties_locally(placement)`` (the head keeps
-    its own copy, initialised to the embedding and kept equal by ``tie_embedding_grads``);
-    otherwise megatron's embedding group does it.
+    Each chunk is a ``GPTModel`` of ``config`` (with ``vocab_size``, ``max_sequence_length`` and
+    ``layer_spec``), or whatever ``model_factory`` builds. Shared embeddings are tied inside the
+    rank when ``ties_locally(placement)`` (the head keeps its own copy, initialised to the
+    embedding and kept equal by ``tie_embedding_grads``); otherwise megatron's embedding group
+    does it. Checkpoints of the chunks have an ordinary GPT's keys (``checkpointing``).
     """
     layout = StageLayout(placement, config.num_layers)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     _check_config(config, layout)
     use_layout(layout)
     local_tie = share_embeddings_and_output_weights and ties_locally(placement)
-    default_spec = specs.layer_spec(config, layout.layers_per_stage)
+    if model_factory is None:
+        if vocab_size is None or max_sequence_length is None:
+            raise ValueError("build_chunks needs vocab_size and max_sequence_length, or a model_factory")
+        model_factory = functools.partial(
+            GPTModel,
+            config=config,
+            transformer_layer_spec=layer_spec or specs.layer_spec(config, layout.layers_per_stage),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+        )
     chunks = []
     for chunk in range(placement.chunks_per_rank):
         stage = layout.stage(pp_rank, chunk)
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec or default_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
+        model = model_factory(
             pre_process=placement.is_first(stage),
             post_process=placement.is_last(stage),
+            vp_stage=layout.vp_stage(chunk),
             share_embeddings_and_output_weights=share_embeddings_and_output_weights
             and not local_tie,
-            vp_stage=layout.vp_stage(chunk),
         )
         model.bitpipe_stage = stage
         model.bitpipe_ties_embedding = local_tie
         initialize_parameters(model, config, seed=seed, tied=share_embeddings_and_output_weights)
+        checkpointing.follow_placement(model, placement, tied_locally=local_tie)
         chunks.append(model)
     for embedding, head in tied_embedding_pairs(chunks):
         # Own DDP buckets, so a distributed optimizer shards both copies the same way; the head

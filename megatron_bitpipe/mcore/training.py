@@ -1,6 +1,6 @@
 """The megatron-core side of ``megatron_bitpipe.train``: groups, model, optimizer, the loop.
 
-``run(args, plans)`` takes arguments already checked by ``train.validate_args``.
+``run(args, plans)`` takes arguments already checked by ``run_plan.validate_args``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import megatron.core.pipeline_parallel as mcore_pipeline_parallel
 import torch
@@ -46,12 +46,10 @@ from megatron_bitpipe.mcore.reporting import (
     per_rank,
     write_trace,
 )
+from megatron_bitpipe.run_plan import RunPlan
 from megatron_bitpipe.runtime.host_syncs import HostSyncAudit
 from megatron_bitpipe.runtime.memory import PeakMemory
 from megatron_bitpipe.schedules.simulate import peak_activations
-
-if TYPE_CHECKING:
-    from megatron_bitpipe.train import RunPlan
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""Checkpoints with an ordinary Megatron GPT's keys, whatever the placement and schedule.
+
+megatron-core's distributed checkpointing saves each ``ShardedTensor`` under its key (global
+layer numbers, which our chunks already use) and expects exactly one *main* replica of every
+shard (``replica_id`` all zeros) among all ranks. Two things our placements add break that:
+
+* the bidirectional placements (Chimera, BitPipe) hold every stage twice: both copies would claim
+  the main replica (``Invalid access pattern ... embedding.word_embeddings.weight``). The up
+  pipeline's copy is marked a replica, so only the down copy writes and both read;
+* a locally tied head (V, Chimera, BitPipe with shared embeddings) is an ``output_layer.weight``
+  that an ordinary tied GPT does not have. It is stored as megatron stores a last stage's tied
+  head: under the embedding's key, as a replica (``replica_id`` (1, 0, dp)), so it is loaded from
+  the embedding and never written.
+
+A checkpoint therefore loads under any other schedule, PP and placement, megatron's own included.
+``follow_placement`` installs this on a chunk (``build_chunks`` calls it);
+``save_checkpoint`` / ``load_checkpoint`` write and read one in Megatron-LM's layout
+(``iter_0000010/`` and ``latest_checkpointed_iteration.txt``) for our trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+from megatron_bitpipe.schedules.placement import Placement
+
+TRACKER = "latest_checkpointed_iteration.txt"
+WORD_EMBEDDING_KEY = "embedding.word_embeddings.weight"
+REPLICA_OFFSET = 2
+"""Added to the first component of an up-pipeline copy's replica id (1 marks a tied head)."""
+
+
+def follow_placement(model: Any, placement: Placement, *, tied_locally: bool) -> None:
+    """Make ``model.sharded_state_dict()`` give an ordinary GPT's keys and one main copy."""
+    original = model.sharded_state_dict
+    replica = placement.pipeline_of(model.bitpipe_stage) == 1
+
+    def sharded_state_dict(
+        prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict[str, Any]:
+        state = original(prefix, sharded_offsets, metadata)
+        if tied_locally and model.post_process:
+            _store_head_as_embedding(state, model, prefix)
+        if replica:
+            dict_list_map_inplace(_as_replica, state)
+        return state
+
+    model.sharded_state_dict = sharded_state_dict
+
+
+def _store_head_as_embedding(state: dict[str, Any], model: Any, prefix: str) -> None:
+    head_key = f"{prefix}output_layer.weight"
+    if head_key not in state:
+        return
+    state[head_key] = make_tp_sharded_tensor_for_checkpoint(
+        tensor=model.output_layer.weight,
+        key=f"{prefix}{WORD_EMBEDDING_KEY}",
+        replica_id=(1, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
+        allow_shape_mismatch=True,
+    )
+
+
+def _as_replica(value: Any) -> Any:
+    if isinstance(value, ShardedBase):
+        replica_id = value.replica_id
+        if isinstance(replica_id, int):
+            value.replica_id = replica_id + REPLICA_OFFSET
+        else:
+            value.replica_id = (replica_id[0] + REPLICA_OFFSET, *replica_id[1:])
+    return value
+
+
+def model_state_dict(model: list[Any]) -> dict[str, Any]:
+    """Megatron-LM's layout: ``model`` for one chunk, ``model0``, ``model1``, ... for several."""
+    if len(model) == 1:
+        return {"model": model[0].sharded_state_dict()}
+    return {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(model)}
+
+
+def iteration_folder(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def save_checkpoint(root: str, iteration: int, model: list[Any], optimizer: Any) -> str:
+    """Save model and optimizer (torch_dist format) under ``root``; collective. Returns the folder.
+
+    The tracker file is written last, by rank 0, once every rank has finished: a checkpoint cut
+    short is never the one ``load_checkpoint`` picks.
+    """
+    folder = iteration_folder(root, iteration)
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    state = model_state_dict(model)
+    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["iteration"] = iteration
+    dist_checkpointing.save(state, folder)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, TRACKER), "w", encoding="utf-8") as handle:
+            handle.write(str(iteration))
+    return folder
+
+
+def latest_iteration(root: str) -> int | None:
+    """The iteration the tracker names, or None when ``root`` holds no finished checkpoint."""
+    try:
+        with open(os.path.join(root, TRACKER), encoding="utf-8") as handle:
+            return int(handle.read().strip())
+    except FileNotFoundError:
+        return None
+
+
+def load_checkpoint(root: str, model: list[Any], optimizer: Any) -> int:
+    """Load the latest checkpoint under ``root`` into model and optimizer; return its iteration."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"--load {root}: no {TRACKER}; nothing was saved there")
+    state = model_state_dict(model)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    loaded = dist_checkpointing.load(state, iteration_folder(root, iteration))
+    if len(model) == 1:
+        model[0].load_state_dict(loaded["model"])
+    else:
+        for index, chunk in enumerate(model):
+            chunk.load_state_dict(loaded[f"model{index}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    return iteration

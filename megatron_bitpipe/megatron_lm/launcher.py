@@ -1,0 +1,62 @@
+"""Run Megatron-LM's own ``pretrain_gpt.py`` with ``--pipeline-schedule``, no file edited.
+
+    torchrun --nproc-per-node 4 -m megatron_bitpipe.megatron_lm /path/to/Megatron-LM/pretrain_gpt.py \\
+        <any Megatron-LM arguments> --pipeline-schedule bitpipe
+
+``enable(argv)`` does everything but run the script, for a ``pretrain_gpt.py`` that calls it
+itself (``patches/``): it checks the schedule settings before any process group exists (one line,
+exit 2, on a bad one), applies the CPU workarounds when there is no GPU, and installs the hooks of
+``hooks``. ``main`` then runs the script as ``__main__``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from typing import Sequence
+
+from megatron_bitpipe.run_plan import ArgumentsError
+
+USAGE = (
+    "usage: python -m megatron_bitpipe.megatron_lm /path/to/Megatron-LM/pretrain_gpt.py "
+    "<Megatron-LM arguments> --pipeline-schedule NAME"
+)
+
+
+def enable(argv: Sequence[str] | None = None) -> list[str]:
+    """Validate, patch Megatron-LM for the schedule, and return the arguments to run with.
+
+    Without ``--pipeline-schedule`` (a patched ``pretrain_gpt.py`` run as usual) nothing changes.
+    ``argv`` defaults to ``sys.argv[1:]``, which is updated in place.
+    """
+    from megatron_bitpipe.megatron_lm import arguments, cpu, hooks
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and "--pipeline-schedule" not in given:
+        return given
+    try:
+        run, given = arguments.plan(given, int(os.environ.get("WORLD_SIZE", "1")))
+        hooks.check_version()
+    except (ArgumentsError, hooks.UnsupportedMegatronLM) as error:
+        print(f"megatron_bitpipe: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    given = cpu.apply(given, megatron_schedule=not run.uses_registry)
+    hooks.install(run, tied_embeddings="--untie-embeddings-and-output-weights" not in given)
+    if argv is None:
+        sys.argv[1:] = given
+    return given
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m megatron_bitpipe.megatron_lm SCRIPT [arguments]``."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    if not given or not given[0].endswith(".py") or not os.path.isfile(given[0]):
+        print(USAGE, file=sys.stderr)
+        print("megatron_bitpipe: error: the first argument must be Megatron-LM's pretrain_gpt.py", file=sys.stderr)
+        raise SystemExit(2)
+    script, rest = os.path.abspath(given[0]), given[1:]
+    rest = enable(rest)
+    sys.argv = [script, *rest]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")

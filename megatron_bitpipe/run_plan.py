@@ -1,0 +1,259 @@
+"""Validated run settings: which schedule, placement and microbatch count the arguments give.
+
+One module for the rules, shared by our trainer (``megatron_bitpipe.train``) and the Megatron-LM
+launcher (``megatron_bitpipe.megatron_lm``): every setting is checked here, before any process
+group exists, and a bad one raises ``ArgumentsError`` naming the setting and the rule.
+``args`` uses Megatron-LM's argument names (an ``argparse.Namespace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_bitpipe.schedules import ScheduleConfigError, build, get, names
+from megatron_bitpipe.schedules.placement import Placement, looped
+
+MEGATRON_SCHEDULES = ("megatron-1f1b", "megatron-interleaved", "none")
+
+
+class ArgumentsError(ValueError):
+    """A setting that cannot run; the message names the setting and the rule."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the validated arguments resolve to."""
+
+    world_size: int
+    data_parallel_size: int
+    num_microbatches: int
+    schedule: str
+    schedule_options: tuple[tuple[str, Any], ...]
+    placement: Placement
+    virtual_size: int | None
+    """megatron-interleaved's vp (parallel_state and config), else None."""
+
+    @property
+    def uses_registry(self) -> bool:
+        return self.schedule not in MEGATRON_SCHEDULES
+
+    def output_path(self, template: str) -> str:
+        """``template`` with ``{schedule}`` replaced by this plan's schedule name."""
+        return template.replace("{schedule}", self.schedule)
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
+    """Check every rule that needs no process group; raise ArgumentsError naming the setting.
+
+    ``--pipeline-schedule`` may list several schedules (comma separated): they run one after
+    the other in one process group, each from the same initial weights and data.
+    """
+    schedules = [name.strip() for name in args.pipeline_schedule.split(",") if name.strip()]
+    _require(bool(schedules), "--pipeline-schedule needs at least one schedule name")
+    _require(
+        args.trace is None or any(name not in MEGATRON_SCHEDULES for name in schedules),
+        f"--trace records the runtime executor; --pipeline-schedule {args.pipeline_schedule} "
+        f"does not use it (megatron-core's own functions are not traced)",
+    )
+    if len(schedules) > 1:
+        for flag, value in (("--save-params", args.save_params), ("--trace", args.trace)):
+            _require(
+                value is None or "{schedule}" in value,
+                f"{flag} {value} must contain {{schedule}} when several schedules run",
+            )
+    if len(schedules) > 1:
+        # a virtual size given for a list applies to the schedules that take one
+        takes_vp = [
+            name
+            for name in schedules
+            if name == "megatron-interleaved" or (name in names() and "vp" in get(name).options)
+        ]
+        _require(
+            bool(takes_vp) or _virtual_size(args, args.pipeline_model_parallel_size) is None,
+            "--virtual-pipeline-model-parallel-size: no listed schedule takes a virtual size",
+        )
+        return [
+            _validate_schedule(_without_virtual_size(args, name not in takes_vp), world_size, name)
+            for name in schedules
+        ]
+    return [_validate_schedule(args, world_size, schedules[0])]
+
+
+def _without_virtual_size(args: argparse.Namespace, drop: bool) -> argparse.Namespace:
+    if not drop:
+        return args
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "virtual_pipeline_model_parallel_size": None,
+            "num_layers_per_virtual_pipeline_stage": None,
+        }
+    )
+
+
+def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str) -> RunPlan:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor/--pipeline-model-parallel-size must be >= 1")
+    _require(
+        world_size % (tp * pp) == 0,
+        f"world size {world_size} must be divisible by "
+        f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}",
+    )
+    dp = world_size // (tp * pp)
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size is None:  # Megatron-LM's default: one microbatch per rank
+        args = argparse.Namespace(**{**vars(args), "global_batch_size": per_step})
+    _require(
+        args.global_batch_size % per_step == 0,
+        f"--global-batch-size {args.global_batch_size} must be divisible by "
+        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}",
+    )
+    _check_model_shape(args, tp)
+    _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 exclude each other")
+    num_microbatches = args.global_batch_size // per_step
+    placement, options, virtual_size = _resolve_schedule(args, schedule, pp, num_microbatches)
+    stages = placement.stages_per_pipeline
+    _require(args.num_layers is not None, "--num-layers is required")
+    _require(
+        args.num_layers % stages == 0,
+        f"--num-layers {args.num_layers} must be divisible by the "
+        f"{stages} stages per pipeline of {schedule} (placement {placement.kind}, PP={pp})",
+    )
+    return RunPlan(
+        world_size,
+        dp,
+        num_microbatches,
+        schedule,
+        tuple(sorted(options.items())),
+        placement,
+        virtual_size,
+    )
+
+
+def _resolve_schedule(
+    args: argparse.Namespace, schedule: str, pp: int, num_microbatches: int
+) -> tuple[Placement, dict[str, Any], int | None]:
+    """(placement, registry options, megatron-interleaved's virtual size) of one schedule."""
+    vp = _virtual_size(args, pp)
+    if schedule == "none":
+        _require(
+            pp == 1, f"--pipeline-schedule none needs --pipeline-model-parallel-size 1, got {pp}"
+        )
+        return looped(1, 1), {}, None
+    if schedule == "megatron-1f1b":
+        _require(vp is None, "--pipeline-schedule megatron-1f1b takes no virtual pipeline size")
+        return looped(pp, 1), {}, None
+    if schedule == "megatron-interleaved":
+        _require(
+            vp is not None,
+            "--pipeline-schedule megatron-interleaved needs "
+            "--virtual-pipeline-model-parallel-size or --num-layers-per-virtual-pipeline-stage",
+        )
+        group = args.microbatch_group_size_per_virtual_pipeline_stage
+        _plan("interleaved-1f1b", pp, num_microbatches, {"vp": vp, "microbatch_group_size": group})
+        return looped(pp, vp), {}, vp
+    options = _registry_options(args, schedule, vp)
+    return _plan(schedule, pp, num_microbatches, options).placement, options, None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentsError(message)
+
+
+def _check_model_shape(args: argparse.Namespace, tp: int) -> None:
+    """Divisibility rules of the model's sizes; a size left unset (None) is not checked."""
+    hidden, heads, vocab = args.hidden_size, args.num_attention_heads, args.vocab_size
+    if hidden is not None and heads is not None:
+        _require(
+            hidden % heads == 0,
+            f"--hidden-size {hidden} must be divisible by --num-attention-heads {heads}",
+        )
+    if heads is not None:
+        _require(
+            heads % tp == 0,
+            f"--num-attention-heads {heads} must be divisible by --tensor-model-parallel-size {tp}",
+        )
+    if vocab is not None:
+        _require(
+            vocab % tp == 0,
+            f"--vocab-size {vocab} must be divisible by --tensor-model-parallel-size {tp}",
+        )
+    ffn = args.ffn_hidden_size or (4 * hidden if hidden is not None else None)
+    if ffn is not None:
+        _require(
+            ffn % tp == 0,
+            f"--ffn-hidden-size {ffn} must be divisible by --tensor-model-parallel-size {tp}",
+        )
+    _require(
+        not args.sequence_parallel or tp > 1,
+        "--sequence-parallel needs --tensor-model-parallel-size > 1",
+    )
+    if args.sequence_parallel and args.seq_length is not None:
+        _require(
+            args.seq_length % tp == 0,
+            f"--seq-length {args.seq_length} "
+            f"must be divisible by --tensor-model-parallel-size {tp} with --sequence-parallel",
+        )
+    max_positions = args.max_position_embeddings or args.seq_length
+    if args.seq_length is not None:
+        _require(
+            args.seq_length <= max_positions,
+            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {max_positions}",
+        )
+
+
+def _virtual_size(args: argparse.Namespace, pp: int) -> int | None:
+    vp, per_stage = (
+        args.virtual_pipeline_model_parallel_size,
+        args.num_layers_per_virtual_pipeline_stage,
+    )
+    if per_stage is None:
+        return vp
+    _require(
+        vp is None,
+        "give only one of --virtual-pipeline-model-parallel-size and "
+        "--num-layers-per-virtual-pipeline-stage",
+    )
+    layers_per_rank = args.num_layers // pp
+    _require(
+        args.num_layers % pp == 0 and layers_per_rank % per_stage == 0,
+        f"--num-layers "
+        f"{args.num_layers} / --pipeline-model-parallel-size {pp} must be divisible by "
+        f"--num-layers-per-virtual-pipeline-stage {per_stage}",
+    )
+    return layers_per_rank // per_stage
+
+
+def _registry_options(args: argparse.Namespace, schedule: str, vp: int | None) -> dict[str, Any]:
+    known = names()
+    _require(
+        schedule in known,
+        f"--pipeline-schedule {schedule!r} is unknown; choose one of "
+        f"{', '.join(known + list(MEGATRON_SCHEDULES))}",
+    )
+    accepted = get(schedule).options
+    options: dict[str, Any] = {}
+    group = args.microbatch_group_size_per_virtual_pipeline_stage
+    for option, value, flag in (
+        ("vp", vp, "--virtual-pipeline-model-parallel-size"),
+        ("microbatch_group_size", group, "--microbatch-group-size-per-virtual-pipeline-stage"),
+        ("max_inflight", getattr(args, "max_inflight", None), "--max-inflight"),
+    ):
+        if value is None:
+            continue
+        _require(option in accepted, f"{flag} is not an option of --pipeline-schedule {schedule}")
+        options[option] = value
+    return options
+
+
+def _plan(schedule: str, pp: int, num_microbatches: int, options: dict[str, Any]) -> Any:
+    try:
+        return build(schedule, pp, num_microbatches, **options)
+    except ScheduleConfigError as error:
+        raise ArgumentsError(
+            f"{error} (--pipeline-model-parallel-size {pp}, {num_microbatches} "
+            f"microbatches per data-parallel rank)"
+        ) from error
