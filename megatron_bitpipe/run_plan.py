@@ -9,6 +9,7 @@ group exists, and a bad one raises ``ArgumentsError`` naming the setting and the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,13 @@ def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str)
     )
     _check_model_shape(args, tp)
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 exclude each other")
+    checkpoints = getattr(args, "save", None) or getattr(args, "load", None)
+    _require(
+        not (checkpoints and args.use_distributed_optimizer and not _has_fused_adam()),
+        "--save/--load with --use-distributed-optimizer needs apex or Transformer Engine: "
+        "without them megatron-core 0.16.1 restores torch Adam's state wrongly (the second "
+        "iteration after loading differs)",
+    )
     num_microbatches = args.global_batch_size // per_step
     placement, options, virtual_size = _resolve_schedule(args, schedule, pp, num_microbatches)
     stages = placement.stages_per_pipeline
@@ -156,6 +164,10 @@ def _resolve_schedule(
         return looped(pp, vp), {}, vp
     options = _registry_options(args, schedule, vp)
     return _plan(schedule, pp, num_microbatches, options).placement, options, None
+
+
+def _has_fused_adam() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("apex", "transformer_engine"))
 
 
 def _require(condition: bool, message: str) -> None:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="log each rank's peak memory during the last iteration's forward-backward step "
         "(CUDA: max_memory_allocated; CPU: bytes counted by torch's profiler)",
     )
+    add("--save", default=None, help="checkpoint folder (megatron-core distributed checkpoint)")
+    add("--load", default=None, help="resume from the latest checkpoint in this folder")
+    add("--save-interval", type=int, default=None, help="also save every N iterations")
     add(
         "--save-params",
         default=None,

@@ -20,19 +20,25 @@ Bidirectional schedules also log that the two replicas of every stage are bitwis
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from runs import (
+    HELD,
+    PEAK,
+    SKIPPED,
+    logged_grad_norms,
+    logged_list,
+    logged_losses,
+    run,
+    sections,
+    succeeded,
+)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
-REPO = Path(__file__).resolve().parents[1]
 LR = 1e-4
 MODEL = (
     "--num-layers 16 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --vocab-size 64 "
@@ -41,58 +47,12 @@ MODEL = (
 ).split()
 BIDIRECTIONAL = {"bitpipe", "bitpipe-official", "chimera"}
 STASH = re.compile(r"stashed activations per pipeline rank: measured (\[.*?\]), simulated (\[.*?\])")
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
-GRAD_NORM = re.compile(r"iteration\s+\d+/\s*\d+ \|.* grad norm: ([0-9.E+-]+) \|")
-SKIPPED = re.compile(r"number of skipped iterations:\s+(\d+) \|")
-PEAK = re.compile(r"peak activation memory per rank \(bytes\): (\[.*?\])")
-HELD = re.compile(r"of which sends not yet known complete, per rank \(bytes\): (\[.*?\])")
 
 
 def launch(processes: int, arguments: list[str], timeout: int = 420) -> str:
-    """Run the trainer (torchrun for several processes); return its stdout, fail with its tail."""
-    trainer = ["-m", "megatron_bitpipe.train"]
-    if processes > 1:
-        launcher = f"-m torch.distributed.run --standalone --nproc-per-node={processes}".split()
-        trainer = launcher + trainer
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-    }
-    result = subprocess.run(
-        [sys.executable, *trainer, *MODEL, *arguments],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return result.stdout
-
-
-def sections(log: str) -> dict[str, str]:
-    """The log split at the ``schedule NAME`` lines a multi-schedule launch prints."""
-    parts = re.split(r"^schedule (\S+)$", log, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
-
-
-def logged_losses(log: str) -> list[float]:
-    return [float(value) for _, value in LOSS.findall(log)]
-
-
-def logged_list(pattern: re.Pattern, log: str) -> list[int]:
-    """The per-rank list a log line holds, e.g. ``[1257428, 948176, 650188, 351216]``."""
-    match = pattern.search(log)
-    assert match is not None, pattern.pattern
-    return json.loads(match.group(1))
-
-
-def logged_grad_norms(log: str) -> list[float]:
-    """megatron's gradient norm of every iteration that updated (clipping uses it)."""
-    return [float(value) for value in GRAD_NORM.findall(log)]
+    """Run the trainer (torchrun for several processes) on MODEL; return its stdout."""
+    target = ["-m", "megatron_bitpipe.train", *MODEL, *arguments]
+    return succeeded(run(processes, target, timeout=timeout))
 
 
 def worst_relative(reference: dict, other: dict) -> float:

@@ -77,11 +77,35 @@ def _as_replica(value: Any) -> Any:
     return value
 
 
+def metadata() -> dict[str, Any]:
+    """What Megatron-LM passes to ``sharded_state_dict`` (checkpointing.py:401), with the
+    distributed optimizer's state saved fully reshardable (its DP-reshardable default cannot
+    follow a change of pipeline layout)."""
+    return {
+        "distrib_optim_sharding_type": "fully_reshardable",
+        "distrib_optim_fully_reshardable_mem_efficient": False,
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
+
+
 def model_state_dict(model: list[Any]) -> dict[str, Any]:
-    """Megatron-LM's layout: ``model`` for one chunk, ``model0``, ``model1``, ... for several."""
+    """Megatron-LM's layout: ``model`` for one chunk, ``model0``, ``model1``, ... for several,
+    each the unwrapped GPTModel's state (as Megatron-LM's checkpointing unwraps DDP and
+    Float16Module)."""
     if len(model) == 1:
-        return {"model": model[0].sharded_state_dict()}
-    return {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(model)}
+        return {"model": _inner(model[0]).sharded_state_dict(metadata=metadata())}
+    return {
+        f"model{index}": _inner(chunk).sharded_state_dict(metadata=metadata())
+        for index, chunk in enumerate(model)
+    }
+
+
+def _inner(chunk: Any) -> Any:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def iteration_folder(root: str, iteration: int) -> str:
@@ -99,7 +123,7 @@ def save_checkpoint(root: str, iteration: int, model: list[Any], optimizer: Any)
         os.makedirs(folder, exist_ok=True)
     torch.distributed.barrier()
     state = model_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata())
     state["iteration"] = iteration
     dist_checkpointing.save(state, folder)
     torch.distributed.barrier()
@@ -124,12 +148,12 @@ def load_checkpoint(root: str, model: list[Any], optimizer: Any) -> int:
     if iteration is None:
         raise FileNotFoundError(f"--load {root}: no {TRACKER}; nothing was saved there")
     state = model_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata())
     loaded = dist_checkpointing.load(state, iteration_folder(root, iteration))
     if len(model) == 1:
-        model[0].load_state_dict(loaded["model"])
+        _inner(model[0]).load_state_dict(loaded["model"])
     else:
         for index, chunk in enumerate(model):
-            chunk.load_state_dict(loaded[f"model{index}"])
+            _inner(chunk).load_state_dict(loaded[f"model{index}"])
     optimizer.load_state_dict(loaded["optimizer"])
     return iteration

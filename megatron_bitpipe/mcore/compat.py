@@ -79,3 +79,4 @@ def scale_gradient_reduction(ddp: Any, factor: float) -> None:
         buffer.gradient_scaling_factor *= factor
     for bucket in buckets:
         bucket.gradient_scaling_factor *= factor
+

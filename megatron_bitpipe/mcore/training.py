@@ -26,7 +26,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.transformer import TransformerConfig
 
-from megatron_bitpipe.mcore import compat, cpu, forward_backward
+from megatron_bitpipe.mcore import checkpointing, compat, cpu, forward_backward
 from megatron_bitpipe.mcore.communication import WAITS_VARIABLE, setup_communication
 from megatron_bitpipe.mcore.data import MockGPTData, forward_step
 from megatron_bitpipe.mcore.export import full_parameters, gather_to_first_rank
@@ -197,10 +197,14 @@ def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
 def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Every iteration's reported loss, and (for --save-params) iteration 1's gradients."""
     args, plan = session.args, session.plan
-    data_iterator = session.data(args.train_iters)
+    start = 0
+    if args.load:
+        start = checkpointing.load_checkpoint(args.load, session.model, session.optimizer)
+        log(f" loaded checkpoint from {args.load} at iteration {start}")
+    data_iterator = session.data(args.train_iters - start, first_iteration=start)
     losses: list[float] = []
     first_gradients: dict[str, torch.Tensor] = {}
-    for iteration in range(1, args.train_iters + 1):
+    for iteration in range(start + 1, args.train_iters + 1):
         traced = args.trace and plan.uses_registry and iteration == args.train_iters
         trace_origin = _trace_origin() if traced else None
         started = time.perf_counter()
@@ -233,6 +237,12 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         log(report.line())
         if trace_origin is not None:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
+        interval = args.save_interval or args.train_iters
+        if args.save and (iteration % interval == 0 or iteration == args.train_iters):
+            folder = checkpointing.save_checkpoint(
+                plan.output_path(args.save), iteration, session.model, session.optimizer
+            )
+            log(f" saved checkpoint at iteration {iteration} to {folder}")
     return losses, first_gradients
 
 

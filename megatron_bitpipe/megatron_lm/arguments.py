@@ -13,7 +13,12 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from megatron_bitpipe.run_plan import MEGATRON_SCHEDULES, ArgumentsError, RunPlan, validate_args
+from megatron_bitpipe.run_plan import (
+    MEGATRON_SCHEDULES,
+    ArgumentsError,
+    RunPlan,
+    validate_args,
+)
 from megatron_bitpipe.schedules import get, names
 
 VIRTUAL_STAGES = "--num-virtual-stages-per-pipeline-rank"

@@ -163,7 +163,8 @@ def get_model(
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_bitpipe.mcore import communication, groups, model as chunks_module
+    from megatron_bitpipe.mcore import communication, groups
+    from megatron_bitpipe.mcore import model as chunks_module
     from megatron_bitpipe.mcore.cpu import compute_device
     from megatron_bitpipe.mcore.precision import wrap_half_precision
 

@@ -1,0 +1,104 @@
+"""Checkpoints move between schedules: an ordinary GPT's keys, one copy of each layer.
+
+Our trainer's ``--save`` / ``--load`` (megatron-core distributed checkpointing, Megatron-LM's
+folder layout) on CPU/gloo: train 2 iterations with one schedule and layout, save, load with
+another and train 2 more; the losses equal 4 uninterrupted iterations on one process to 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from runs import logged_losses, run, succeeded
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+MODEL = (
+    "--num-layers 16 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --vocab-size 64 "
+    "--micro-batch-size 2 --global-batch-size 16 --train-iters 4 --lr 1e-4 --adam-eps 1e-6 "
+    "--seed 1234"
+).split()
+
+
+def train(processes: int, *arguments: str) -> str:
+    return succeeded(run(processes, ["-m", "megatron_bitpipe.train", *MODEL, *arguments]))
+
+
+def saved_keys(folder: Path) -> dict[str, tuple[int, ...] | None]:
+    """Every key stored in a distributed checkpoint folder, with its global shape."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {key: tuple(getattr(value, "size", ())) or None for key, value in stored.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[list[float], dict[str, tuple[int, ...] | None]]:
+    """Four iterations on one process, saved at the end: (losses, checkpoint keys)."""
+    folder = tmp_path_factory.mktemp("reference")
+    log = train(1, "--pipeline-schedule", "none", "--save", str(folder))
+    return logged_losses(log), saved_keys(folder / "iter_0000004")
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        (("4", "bitpipe"), ("2", "1f1b")),
+        (("2", "1f1b"), ("4", "chimera")),
+    ],
+    ids=["bitpipe-pp4-to-1f1b-pp2", "1f1b-pp2-to-chimera-pp4"],
+)
+def test_training_resumes_under_another_schedule_as_if_uninterrupted(
+    uninterrupted, tmp_path, first, second
+):
+    losses, reference_keys = uninterrupted
+    (pp_before, before), (pp_after, after) = first, second
+    folder = tmp_path / "checkpoints"
+    log = train(
+        int(pp_before),
+        "--pipeline-model-parallel-size", pp_before, "--pipeline-schedule", before,
+        "--train-iters", "2", "--save", str(folder),
+    )
+    assert (folder / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert saved_keys(folder / "iter_0000002") == reference_keys, "keys and shapes of one GPT"
+    resumed = train(
+        int(pp_after),
+        "--pipeline-model-parallel-size", pp_after, "--pipeline-schedule", after,
+        "--load", str(folder),
+    )
+    assert "loaded checkpoint from" in resumed
+    assert logged_losses(log) + logged_losses(resumed) == pytest.approx(losses, rel=1e-5)
+
+
+def test_a_checkpoint_holds_one_copy_of_each_layer_and_no_separate_tied_head(uninterrupted):
+    _, keys = uninterrupted
+    assert keys["embedding.word_embeddings.weight"] == (64, 32)
+    assert "output_layer.weight" not in keys  # tied: stored as the embedding, as megatron does
+    # megatron stacks the layers of a block along a leading axis: all 16, once
+    assert keys["decoder.layers.mlp.linear_fc1.weight"] == (16, 128, 32)
+    assert keys["optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight"] == (16, 128, 32)
+
+
+def test_loading_a_folder_without_a_finished_checkpoint_names_it(tmp_path):
+    from megatron_bitpipe.mcore.checkpointing import latest_iteration
+
+    (tmp_path / "iter_0000002").mkdir()  # written, but the tracker never was: not complete
+    assert latest_iteration(str(tmp_path)) is None
+
+
+def test_distributed_optimizer_checkpoints_need_a_fused_adam_and_say_so(monkeypatch):
+    from megatron_bitpipe import run_plan
+    from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+
+    monkeypatch.setattr(run_plan, "_has_fused_adam", lambda: False)
+    args = build_parser().parse_args(
+        [*MODEL, "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--save", "x"]
+    )
+    with pytest.raises(ArgumentsError, match="--save/--load with --use-distributed-optimizer needs apex"):
+        validate_args(args, world_size=4)
+    monkeypatch.setattr(run_plan, "_has_fused_adam", lambda: True)
+    assert validate_args(args, world_size=4)[0].schedule == "1f1b"
+    assert isinstance(args, argparse.Namespace)
