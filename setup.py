@@ -14,6 +14,8 @@ setup(
     extras_require={
         "train": ["torch>=2.5", "megatron-core>=0.16.1,<0.20"],
         "viz": ["matplotlib>=3.7"],
+        # what Megatron-LM's megatron/training imports beyond megatron-core (notes: megatron_lm.md)
+        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "psutil"],
         "test": ["pytest>=7", "pyyaml>=6"],
     },
     entry_points={"console_scripts": ["megatron-bitpipe=megatron_bitpipe.cli:main"]},

@@ -18,21 +18,29 @@ HELD = re.compile(r"of which sends not yet known complete, per rank \(bytes\): (
 
 
 def run(
-    processes: int, target: list[str], *, pythonpath: list[str] = (), timeout: int = 420
+    processes: int,
+    target: list[str],
+    *,
+    pythonpath: list[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: int = 420,
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
     """``python [-m torch.distributed.run ...] TARGET``; ``target`` is ``["-m", module, ...]`` or
-    ``[script, ...]``. CPU, one thread per process, warnings off."""
+    ``[script, ...]``. torchrun for several processes (or when asked). CPU, one thread per
+    process, warnings off."""
     command = [sys.executable]
-    if processes > 1:
+    if processes > 1 or torchrun:
         command += f"-m torch.distributed.run --standalone --nproc-per-node={processes}".split()
-    env = {
+    environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([*pythonpath, str(REPO)]),
         "OMP_NUM_THREADS": "1",
         "PYTHONWARNINGS": "ignore",
+        **(env or {}),
     }
     return subprocess.run(
-        [*command, *target], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [*command, *target], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -13,7 +13,7 @@ by name); no Megatron-LM file is edited.
 | ``get_batch_on_this_tp_rank`` | ``megatron.training.utils.get_batch_on_this_tp_rank`` (utils.py:517; pretrain_gpt.py:75) | with TP > 1 it broadcasts labels only on the last pipeline rank: every field is broadcast |
 | ``get_megatron_optimizer`` | ``megatron.training.training.get_megatron_optimizer`` (training.py:128, called :1463) | both replicas of a stage must hand their parameters over in one order (stage position) |
 | grad norm | ``param.shared`` on the up replica (optimizer.py:136) | each stage counts once (``mcore.groups.mark_replica_duplicates``) |
-| donated buffers | ``torch._functorch.config.donated_buffer`` | schedules that split the backward run autograd twice over compiled fusions (bias-dropout) |
+| donated buffers | ``torch._functorch.config.donated_buffer`` | schedules that split the backward run autograd twice over compiled fusions (bias-dropout); a study saw "compiled with non-empty donated buffers" there, not reproduced since |
 
 megatron-core 0.17+ moved the model builder (``GPTModelBuilder.build_distributed_models``) and the
 argument parsing (``pretrain_gpt.py: parse_and_validate_args``); those releases are refused with a

@@ -1,0 +1,352 @@
+"""Megatron-LM's own pretrain_gpt.py with --pipeline-schedule (megatron_bitpipe.megatron_lm).
+
+The first part needs no Megatron-LM checkout and runs in CI: argument handling, the hooks'
+contracts, the patches. The second part runs Megatron-LM's pretrain_gpt.py from the checkout at
+``MEGATRON_LM_PATH`` (tag core_v0.16.1 with megatron-core 0.16.1) on CPU/gloo, ``--mock-data``,
+a tiny GPT, and skips, saying so, where that variable is unset. Every run's printed ``lm loss``
+and ``grad norm`` must equal the PP=1 run of the launcher (``1f1b`` at PP=1, which builds the
+model with the same layout-independent initialization).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from runs import REPO, logged_grad_norms, logged_losses, run, succeeded
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+from megatron_bitpipe.megatron_lm import arguments, hooks  # noqa: E402
+from megatron_bitpipe.run_plan import ArgumentsError  # noqa: E402
+from megatron_bitpipe.schedules.placement import bitpipe, looped, vshape  # noqa: E402
+
+PATCHES = sorted((REPO / "patches").glob("*.patch"))
+SIZES = (
+    "--num-layers 8 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
+    "--micro-batch-size 2 --global-batch-size 16"
+).split()
+
+
+# --- no checkout needed ---------------------------------------------------------------------------
+
+
+def plan(*extra: str, world_size: int = 4):
+    return arguments.plan([*SIZES, *extra], world_size)
+
+
+def test_our_options_join_megatron_lms_parser_as_an_extra_args_provider():
+    parser = arguments.add_arguments(argparse.ArgumentParser())
+    parsed = parser.parse_args(["--pipeline-schedule", "bitpipe", "--max-inflight", "3"])
+    assert (parsed.pipeline_schedule, parsed.max_inflight) == ("bitpipe", 3)
+
+
+@pytest.mark.parametrize("schedule", ["bitpipe", "v-half", "v-zb", "bitpipe-official"])
+def test_placements_with_two_stages_per_rank_get_megatrons_virtual_stage_count(schedule):
+    run_plan, argv = plan("--pipeline-model-parallel-size", "4", "--pipeline-schedule", schedule)
+    assert argv[-2:] == ["--num-virtual-stages-per-pipeline-rank", "2"]
+    assert run_plan.schedule == schedule and run_plan.num_microbatches == 8
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "chimera", "zb-h1", "megatron-1f1b"])
+def test_one_stage_per_rank_placements_keep_the_command_line(schedule):
+    extra = ["--pipeline-model-parallel-size", "4", "--pipeline-schedule", schedule]
+    _, argv = plan(*extra)
+    assert argv == [*SIZES, *extra]
+
+
+def test_interleaved_schedules_take_the_users_virtual_size():
+    run_plan, argv = plan(
+        "--pipeline-model-parallel-size", "4", "--num-virtual-stages-per-pipeline-rank", "2",
+        "--pipeline-schedule", "interleaved-1f1b",
+    )
+    assert dict(run_plan.schedule_options) == {"vp": 2}
+    assert argv.count("--num-virtual-stages-per-pipeline-rank") == 1
+
+
+def test_bitpipe_memory_option_reaches_the_schedule():
+    run_plan, _ = plan("--pipeline-model-parallel-size", "4", "--pipeline-schedule", "bitpipe",
+                       "--max-inflight", "6")
+    assert dict(run_plan.schedule_options) == {"max_inflight": 6}
+
+
+@pytest.mark.parametrize(
+    "extra,world_size,message",
+    [
+        ([], 4, "--pipeline-schedule is required"),
+        (["--pipeline-schedule", "bitpipe", "--pipeline-model-parallel-size", "3"], 3,
+         "must be even"),
+        (["--pipeline-schedule", "v-half", "--pipeline-model-parallel-size", "4",
+          "--num-virtual-stages-per-pipeline-rank", "4"], 4,
+         "--num-virtual-stages-per-pipeline-rank 4: --pipeline-schedule v-half places 2 stages"),
+        (["--pipeline-schedule", "chimera", "--pipeline-model-parallel-size", "4",
+          "--num-virtual-stages-per-pipeline-rank", "2"], 4, "places one stage of the pipeline"),
+        (["--pipeline-schedule", "v-half"], 1, "Megatron-LM allows virtual stages only with"),
+        (["--pipeline-schedule", "bitpipe", "--pipeline-model-parallel-size", "4",
+          "--pipeline-model-parallel-layout", "Et|t|t|tL"], 4,
+         "--pipeline-model-parallel-layout cannot be used"),
+        (["--pipeline-schedule", "megatron-interleaved", "--pipeline-model-parallel-size", "4"], 4,
+         "megatron-interleaved needs"),
+        (["--pipeline-schedule", "chimera", "--pipeline-model-parallel-size", "4",
+          "--max-inflight", "2"], 4, "--max-inflight is not an option of --pipeline-schedule chimera"),
+        (["--pipeline-schedule", "bitpipe", "--pipeline-model-parallel-size", "4",
+          "--num-layers", "12"], 4, "--num-layers 12 must be divisible by the 8 stages"),
+        (["--pipeline-schedule", "none"], 1, "give one schedule"),
+    ],
+)
+def test_bad_settings_are_one_error_naming_the_setting(extra, world_size, message):
+    with pytest.raises(ArgumentsError, match=message.replace("(", r"\(")):
+        arguments.plan([*SIZES, *extra], world_size)
+
+
+def test_launcher_stops_before_anything_starts_with_one_line_and_status_2(tmp_path):
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text("raise SystemExit('must not run')\n")
+    result = run(1, ["-m", "megatron_bitpipe.megatron_lm", str(script), *SIZES,
+                     "--pipeline-schedule", "bitpipe", "--pipeline-model-parallel-size", "3"],
+                 env={"WORLD_SIZE": "3"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "megatron_bitpipe: error: bitpipe: --pp 3 must be even and >= 2: the two pipelines pair "
+        "rank r with rank D-1-r, which hold the same stages (--pipeline-model-parallel-size 3, "
+        "8 microbatches per data-parallel rank)"
+    ]
+
+
+def test_launcher_without_pretrain_gpt_prints_its_usage():
+    result = run(1, ["-m", "megatron_bitpipe.megatron_lm", "--pipeline-schedule", "bitpipe"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m megatron_bitpipe.megatron_lm")
+
+
+@pytest.mark.parametrize(
+    "placement,tied,expected",
+    [
+        (looped(4), True, [10, 13]),  # megatron's own: embedding and head on the end ranks
+        (looped(4), False, [10]),
+        (vshape(4), True, [10]),  # the V ties inside rank 0
+        (bitpipe(4), True, [10]),  # each replica ties inside its own end rank
+        (looped(1), True, [10]),
+    ],
+)
+def test_embedding_group_follows_where_the_tie_lives(placement, tied, expected):
+    pp_ranks = [10, 11, 12, 13][: placement.num_ranks]
+    assert hooks.embedding_ranks(placement, tied, pp_ranks) == expected
+
+
+def test_the_chunks_holding_a_first_or_last_stage_load_the_data(monkeypatch):
+    from megatron.core import parallel_state
+
+    layout = bitpipe(4)  # rank 0: down 0 (first), up 11, down 7 (last), up 12
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda: 0)
+    assert [hooks.holds_first_or_last_stage(layout, chunk) for chunk in range(4)] == [
+        True, False, True, False,
+    ]
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda: 3)
+    assert [hooks.holds_first_or_last_stage(layout, chunk) for chunk in range(4)] == [
+        False, True, False, True,
+    ]
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda: 1)
+    assert hooks.holds_first_or_last_stage(layout, None) is False
+
+
+def test_the_optimizer_gets_both_replicas_chunks_in_stage_order():
+    layout = bitpipe(4)
+    orders = []
+    for rank in (1, 2):  # replica partners
+        received: list = []
+        ordered = hooks._in_stage_order(lambda config, chunks: received.extend(chunks), layout)
+        ordered(None, [SimpleNamespace(bitpipe_stage=stage) for stage in layout.rank_stages[rank]])
+        orders.append([layout.position(chunk.bitpipe_stage) for chunk in received])
+    assert orders == [[1, 2, 5, 6], [1, 2, 5, 6]]
+
+
+def test_tensor_parallel_batches_broadcast_every_field():
+    calls = []
+    broadcast = hooks._broadcast_every_field(lambda iterator, mtp_on_this_rank: calls.append(mtp_on_this_rank))
+    broadcast(iter([]))
+    assert calls == [True]
+
+
+def test_megatron_lms_own_extra_args_provider_still_runs():
+    parser = argparse.ArgumentParser()
+    theirs = []
+    chained = hooks._chained(arguments.add_arguments, lambda p: theirs.append(p) or p)
+    assert chained(parser) is parser and theirs == [parser]
+    assert parser.parse_args(["--pipeline-schedule", "1f1b"]).pipeline_schedule == "1f1b"
+
+
+def test_hooks_refuse_megatron_core_releases_they_were_not_checked_against(monkeypatch):
+    from megatron_bitpipe.mcore import compat
+
+    hooks.check_version()  # the installed 0.16.1
+    monkeypatch.setattr(compat, "version", lambda: (0, 19, 2))
+    with pytest.raises(hooks.UnsupportedMegatronLM, match="megatron-core 0.19.2: .* core_v0.16.x"):
+        hooks.check_version()
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=[patch.name for patch in PATCHES])
+def test_each_patch_only_imports_megatron_bitpipe_and_calls_enable(patch):
+    text = patch.read_text()
+    header = text.split("diff --git", 1)[0]
+    for field in ("Why:", "Targets: Megatron-LM tag core_v", "Test: tests/test_megatron_lm.py"):
+        assert field in header, field
+    added = [line[1:] for line in text.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    code = [line.split("#")[0].strip() for line in added if line.strip()]
+    assert code == ["import megatron_bitpipe.megatron_lm", "megatron_bitpipe.megatron_lm.enable()"]
+    assert not [line for line in text.splitlines() if line.startswith("-") and not line.startswith("---")]
+
+
+def test_up_replicas_and_tied_heads_are_stored_as_copies():
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    from megatron_bitpipe.mcore.checkpointing import _as_replica
+
+    tensor = ShardedTensor.from_rank_offsets("decoder.layers.x", torch.zeros(2), replica_id=(0, 0, 1))
+    piece = ShardedObject("decoder.layers.y", None, (1,), (0,), replica_id=0)
+    assert _as_replica(tensor).replica_id == (2, 0, 1)
+    assert _as_replica(piece).replica_id == 2
+    assert _as_replica("not sharded") == "not sharded"
+
+
+# --- with a Megatron-LM checkout ------------------------------------------------------------------
+
+CHECKOUT = os.environ.get("MEGATRON_LM_PATH")
+needs_checkout = pytest.mark.skipif(
+    not CHECKOUT,
+    reason="MEGATRON_LM_PATH is unset: point it at a Megatron-LM checkout (tag core_v0.16.1) "
+    "to run pretrain_gpt.py with our schedules",
+)
+TINY = (
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 128 --num-layers 8 --hidden-size 64 "
+    "--num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 "
+    "--global-batch-size 16 --train-iters 4 --lr 1e-4 --log-interval 1 --eval-iters 0 "
+    "--eval-interval 100 --hidden-dropout 0 --attention-dropout 0 --seed 1234"
+).split()
+
+
+def pretrain_gpt(processes: int, *extra: str, script: str | None = None) -> str:
+    """Megatron-LM's pretrain_gpt.py through our launcher (or a patched copy run directly)."""
+    assert CHECKOUT is not None
+    if script is None:
+        target = ["-m", "megatron_bitpipe.megatron_lm", f"{CHECKOUT}/pretrain_gpt.py"]
+    else:
+        target = [script]
+    return succeeded(
+        run(processes, [*target, *TINY, *extra], pythonpath=[CHECKOUT], timeout=600, torchrun=True)
+    )
+
+
+def true_losses(log: str) -> list[float]:
+    """The loss of each iteration. Megatron-LM prints a run's first iteration without resetting
+    its sums (training.py:1797, ``should_reset = not is_first_iteration``), so the second line
+    it prints is the mean of the first two iterations: undone here."""
+    printed = logged_losses(log)
+    if len(printed) >= 2:
+        printed[1] = 2 * printed[1] - printed[0]
+    return printed
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    """PP=1 through the launcher: 1f1b builds the model with our initialization."""
+    return pretrain_gpt(1, "--pipeline-schedule", "1f1b")
+
+
+LAYOUTS = {
+    "bitpipe-pp2": (2, "--pipeline-model-parallel-size 2 --pipeline-schedule bitpipe"),
+    "bitpipe-pp4": (4, "--pipeline-model-parallel-size 4 --pipeline-schedule bitpipe"),
+    "v-half-pp4": (4, "--pipeline-model-parallel-size 4 --pipeline-schedule v-half"),
+    "bitpipe-dp2-pp2": (4, "--pipeline-model-parallel-size 2 --pipeline-schedule bitpipe"),
+    "bitpipe-tp2-pp2": (
+        4,
+        "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2 --pipeline-schedule bitpipe",
+    ),
+    "megatron-interleaved-pp4-vp2": (
+        4,
+        "--pipeline-model-parallel-size 4 --num-virtual-stages-per-pipeline-rank 2 "
+        "--pipeline-schedule megatron-interleaved",
+    ),
+}
+
+
+@needs_checkout
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pretrain_gpt_prints_the_losses_and_grad_norms_of_one_process(reference, layout):
+    processes, extra = LAYOUTS[layout]
+    log = pretrain_gpt(processes, *extra.split())
+    assert logged_losses(log) == pytest.approx(logged_losses(reference), rel=1e-5)
+    assert len(logged_losses(log)) == 4
+    assert logged_grad_norms(log) == logged_grad_norms(reference)
+
+
+@needs_checkout
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ("4 bitpipe", "2 megatron-1f1b"),
+        ("2 megatron-1f1b", "4 bitpipe"),
+    ],
+    ids=["bitpipe-pp4-to-megatron-1f1b-pp2", "megatron-1f1b-pp2-to-bitpipe-pp4"],
+)
+def test_checkpoints_move_between_bitpipe_and_megatrons_own_1f1b(reference, tmp_path, first, second):
+    folder = str(tmp_path / "checkpoints")
+    (pp_before, before), (pp_after, after) = first.split(), second.split()
+    saved = pretrain_gpt(
+        int(pp_before), "--pipeline-model-parallel-size", pp_before, "--pipeline-schedule", before,
+        "--save", folder, "--save-interval", "2", "--exit-interval", "2",
+    )
+    resumed = pretrain_gpt(
+        int(pp_after), "--pipeline-model-parallel-size", pp_after, "--pipeline-schedule", after,
+        "--load", folder,
+    )
+    assert "loading distributed checkpoint from" in resumed
+    assert true_losses(saved) + true_losses(resumed) == pytest.approx(
+        true_losses(reference), rel=1e-5
+    )
+
+
+@needs_checkout
+def test_zero_bubble_schedules_run_with_megatron_lms_default_dropout_fusion():
+    """Megatron-LM's defaults (dropout 0.1, bias-dropout-add fusion) through a schedule that runs
+    autograd twice over each layer (I, then W). A study on this machine once saw it stop with
+    'compiled with non-empty donated buffers'; the hooks turn torch's donated buffers off for such
+    schedules. That failure does not reproduce here now, so this checks the configuration trains."""
+    dropout_off = " --hidden-dropout 0 --attention-dropout 0"
+    defaults = " ".join(TINY).replace(dropout_off, "").split()
+    assert len(defaults) == len(TINY) - 4
+    result = run(2, ["-m", "megatron_bitpipe.megatron_lm", f"{CHECKOUT}/pretrain_gpt.py", *defaults,
+                     "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-h1"],
+                 pythonpath=[CHECKOUT], timeout=600)
+    losses = logged_losses(succeeded(result))
+    assert len(losses) == 4 and all(4.0 < loss < 7.0 for loss in losses)
+
+
+@needs_checkout
+@pytest.mark.parametrize("patch", PATCHES, ids=[patch.name for patch in PATCHES])
+def test_patch_applies_to_the_checkout(patch):
+    result = subprocess.run(
+        ["git", "apply", "--check", str(patch)], cwd=CHECKOUT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@needs_checkout
+def test_patched_pretrain_gpt_trains_bitpipe_like_one_process(reference, tmp_path):
+    for name in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py"):
+        shutil.copy(Path(CHECKOUT) / name, tmp_path / name)
+    applied = subprocess.run(
+        ["git", "apply", str(PATCHES[0])], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    log = pretrain_gpt(
+        2, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "bitpipe",
+        script=str(tmp_path / "pretrain_gpt.py"),
+    )
+    assert logged_losses(log) == pytest.approx(logged_losses(reference), rel=1e-5)
