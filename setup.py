@@ -12,10 +12,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[],
     extras_require={
-        "train": ["torch>=2.5", "megatron-core>=0.16.1,<0.20"],
+        # psutil: megatron-core's checkpoint writer (a save without it hangs in a child process)
+        "train": ["torch>=2.5", "megatron-core>=0.16.1,<0.20", "psutil"],
         "viz": ["matplotlib>=3.7"],
         # what Megatron-LM's megatron/training imports beyond megatron-core (notes: megatron_lm.md)
-        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "psutil"],
+        "megatron-lm": ["six", "regex", "pyyaml", "pydantic"],
         "test": ["pytest>=7", "pyyaml>=6"],
     },
     entry_points={"console_scripts": ["megatron-bitpipe=megatron_bitpipe.cli:main"]},

@@ -115,6 +115,10 @@ def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str)
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 exclude each other")
     checkpoints = getattr(args, "save", None) or getattr(args, "load", None)
     _require(
+        not checkpoints or _importable("psutil"),
+        "--save/--load need psutil (megatron-core's checkpoint writer uses it): pip install psutil",
+    )
+    _require(
         not (checkpoints and args.use_distributed_optimizer and not _has_fused_adam()),
         "--save/--load with --use-distributed-optimizer needs apex or Transformer Engine: "
         "without them megatron-core 0.16.1 restores torch Adam's state wrongly (the second "
@@ -166,8 +170,12 @@ def _resolve_schedule(
     return _plan(schedule, pp, num_microbatches, options).placement, options, None
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _has_fused_adam() -> bool:
-    return any(importlib.util.find_spec(name) is not None for name in ("apex", "transformer_engine"))
+    return _importable("apex") or _importable("transformer_engine")
 
 
 def _require(condition: bool, message: str) -> None:

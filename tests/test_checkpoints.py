@@ -102,3 +102,13 @@ def test_distributed_optimizer_checkpoints_need_a_fused_adam_and_say_so(monkeypa
     monkeypatch.setattr(run_plan, "_has_fused_adam", lambda: True)
     assert validate_args(args, world_size=4)[0].schedule == "1f1b"
     assert isinstance(args, argparse.Namespace)
+
+
+def test_checkpoints_without_psutil_are_refused_before_they_could_hang(monkeypatch):
+    from megatron_bitpipe import run_plan
+    from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+
+    monkeypatch.setattr(run_plan, "_importable", lambda module: module != "psutil")
+    args = build_parser().parse_args([*MODEL, "--load", "somewhere"])
+    with pytest.raises(ArgumentsError, match="--save/--load need psutil"):
+        validate_args(args, world_size=1)

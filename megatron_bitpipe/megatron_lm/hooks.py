@@ -4,16 +4,26 @@ Checked against Megatron-LM core_v0.16.1 (55ac708, megatron-core 0.16.1); line n
 tag's. All are module attributes set before ``pretrain_gpt.py`` is imported (it imports several
 by name); no Megatron-LM file is edited.
 
-| hook | replaces | why |
-|---|---|---|
-| ``pretrain`` | ``megatron.training.pretrain`` (training.py:702, called by pretrain_gpt.py:342) | adds our ``extra_args_provider`` and the embedding group of the placement (``get_embedding_ranks``, pretrain_gpt.py:314) |
-| ``get_forward_backward_func`` | ``megatron.training.training.get_forward_backward_func`` (training.py:156, called :2607, :3070) | our schedule (``mcore.install``) |
-| ``get_model`` | ``megatron.training.training.get_model`` (training.py:1161, called :1449) | our chunks: a V / BitPipe rank holds 2 or 4 chunks at placement-defined layers, replicas need the replica-pair DDP groups |
-| ``is_first_or_last_pipeline_stage`` | ``megatron.training.utils.is_first_or_last_pipeline_stage`` (utils.py:434; pretrain_gpt.py:70, :209) | a V rank holds the first and the last stage; which chunk loads tokens and labels follows the placement |
-| ``get_batch_on_this_tp_rank`` | ``megatron.training.utils.get_batch_on_this_tp_rank`` (utils.py:517; pretrain_gpt.py:75) | with TP > 1 it broadcasts labels only on the last pipeline rank: every field is broadcast |
-| ``get_megatron_optimizer`` | ``megatron.training.training.get_megatron_optimizer`` (training.py:128, called :1463) | both replicas of a stage must hand their parameters over in one order (stage position) |
-| grad norm | ``param.shared`` on the up replica (optimizer.py:136) | each stage counts once (``mcore.groups.mark_replica_duplicates``) |
-| donated buffers | ``torch._functorch.config.donated_buffer`` | schedules that split the backward run autograd twice over compiled fusions (bias-dropout); a study saw "compiled with non-empty donated buffers" there, not reproduced since |
+* ``pretrain``: ``megatron.training.pretrain`` (training.py:702, called by pretrain_gpt.py:342).
+  Adds our ``extra_args_provider`` and the placement's embedding group (``get_embedding_ranks``,
+  pretrain_gpt.py:314).
+* ``get_forward_backward_func``: ``megatron.training.training.get_forward_backward_func``
+  (training.py:156, called at :2607 and :3070). Our schedule (``mcore.install``).
+* ``get_model``: ``megatron.training.training.get_model`` (training.py:1161, called at :1449).
+  Our chunks: a V / BitPipe rank holds 2 or 4 chunks at placement-defined layers, and replicas
+  need the replica-pair DDP groups.
+* ``is_first_or_last_pipeline_stage``: ``megatron.training.utils`` (utils.py:434; used at
+  pretrain_gpt.py:70 and :209). A V rank holds the first and the last stage: which chunk loads
+  tokens and labels follows the placement.
+* ``get_batch_on_this_tp_rank``: ``megatron.training.utils`` (utils.py:517; pretrain_gpt.py:75).
+  With TP > 1 it broadcasts labels only on the last pipeline rank: every field is broadcast.
+* ``get_megatron_optimizer``: ``megatron.training.training`` (training.py:128, called at :1463).
+  Both replicas of a stage hand their parameters over in one order (stage position).
+* grad norm: ``param.shared`` on the up replica (optimizer.py:136), so each stage counts once
+  (``mcore.groups.mark_replica_duplicates``, inside ``get_model``).
+* donated buffers: ``torch._functorch.config.donated_buffer`` off for schedules that split the
+  backward, which run autograd twice over compiled fusions (bias-dropout); a study saw
+  "compiled with non-empty donated buffers" there (not reproduced since).
 
 megatron-core 0.17+ moved the model builder (``GPTModelBuilder.build_distributed_models``) and the
 argument parsing (``pretrain_gpt.py: parse_and_validate_args``); those releases are refused with a
@@ -173,7 +183,11 @@ def get_model(
     config = config or core_transformer_config_from_args(args)
 
     def factory(
-        *, pre_process: bool, post_process: bool, vp_stage: int | None, share_embeddings_and_output_weights: bool
+        *,
+        pre_process: bool,
+        post_process: bool,
+        vp_stage: int | None,
+        share_embeddings_and_output_weights: bool,
     ) -> Any:
         untied = args.untie_embeddings_and_output_weights
         args.untie_embeddings_and_output_weights = not share_embeddings_and_output_weights

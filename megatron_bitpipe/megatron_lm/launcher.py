@@ -53,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     given = list(sys.argv[1:] if argv is None else argv)
     if not given or not given[0].endswith(".py") or not os.path.isfile(given[0]):
         print(USAGE, file=sys.stderr)
-        print("megatron_bitpipe: error: the first argument must be Megatron-LM's pretrain_gpt.py", file=sys.stderr)
+        print(
+            "megatron_bitpipe: error: the first argument must be Megatron-LM's pretrain_gpt.py",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     script, rest = os.path.abspath(given[0]), given[1:]
     rest = enable(rest)

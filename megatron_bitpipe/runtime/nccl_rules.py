@@ -20,9 +20,9 @@ raises ``NcclDeadlock`` naming what every stuck rank waits for; a send matched w
 that expects another message raises ``NcclMismatch`` (on NCCL that is silent corruption).
 
 The step as recorded: the executor's program (with the early send completions of
-``schedules.lower.send_completions``, as the mcore adapter runs it), then the gradient reductions the program started
-are waited on (megatron's ``finish_grad_sync``), then the loss all-reduce over the pipeline group
-when the loss heads are not all on the last rank. ``setup_calls`` adds the set-up of
+``schedules.lower.send_completions``, as the mcore adapter runs it), then the gradient reductions
+the program started are waited on (megatron's ``finish_grad_sync``), then the loss all-reduce
+over the pipeline group when the loss heads are not all on the last rank. ``setup_calls`` adds the set-up of
 ``runtime.channels.initialize_communicators`` in front, in the order it really uses.
 """
 
@@ -296,28 +296,26 @@ def _match(
     """Complete operations at the heads of ``name``'s queues while they match."""
     while True:
         heads = {rank: queues[(name, rank)][0] for rank in ranks if queues[(name, rank)]}
-        pair = _matching_pair(heads) if heads else None
-        if pair is None:
-            if heads and len(heads) == len(ranks) and all(h.kind == COLLECTIVE for h in heads.values()):
-                payloads = {h.payload for h in heads.values()}
-                if len(payloads) > 1:
-                    raise NcclMismatch(
-                        f"{name}: the ranks' next collectives differ: "
-                        + "; ".join(f"rank {r} runs {h.payload} (during {h.during})" for r, h in heads.items())
-                    )
-                for rank in ranks:
-                    completed.add((rank, queues[(name, rank)].popleft().handle))
-                continue
+        pair = _matching_pair(heads)
+        if pair is not None:
+            sender, receiver = pair
+            send, receive = queues[(name, sender)].popleft(), queues[(name, receiver)].popleft()
+            if send.payload != receive.payload:
+                raise NcclMismatch(
+                    f"{name}: rank {sender} sends the {send.payload} (during {send.during}) where "
+                    f"rank {receiver} expects the {receive.payload} (during {receive.during})"
+                )
+            completed.update({(sender, send.handle), (receiver, receive.handle)})
+        elif len(heads) == len(ranks) and all(head.kind == COLLECTIVE for head in heads.values()):
+            if len({head.payload for head in heads.values()}) > 1:
+                running = "; ".join(
+                    f"rank {rank} runs {head.payload} (during {head.during})"
+                    for rank, head in heads.items()
+                )
+                raise NcclMismatch(f"{name}: the ranks' next collectives differ: {running}")
+            completed.update((rank, queues[(name, rank)].popleft().handle) for rank in ranks)
+        else:
             return
-        sender, receiver = pair
-        send, receive = queues[(name, sender)].popleft(), queues[(name, receiver)].popleft()
-        if send.payload != receive.payload:
-            raise NcclMismatch(
-                f"{name}: rank {sender} sends the {send.payload} (during {send.during}) where "
-                f"rank {receiver} expects the {receive.payload} (during {receive.during})"
-            )
-        completed.add((sender, send.handle))
-        completed.add((receiver, receive.handle))
 
 
 def _matching_pair(heads: dict[int, HostCall]) -> tuple[int, int] | None:
