@@ -17,7 +17,7 @@ setup(
         "viz": ["matplotlib>=3.7"],
         # what Megatron-LM's megatron/training imports beyond megatron-core (notes: megatron_lm.md)
         "megatron-lm": ["six", "regex", "pyyaml", "pydantic"],
-        "test": ["pytest>=7", "pyyaml>=6"],
+        "test": ["pytest>=7", "pyyaml>=6", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["megatron-bitpipe=megatron_bitpipe.cli:main"]},
     license="Apache-2.0",

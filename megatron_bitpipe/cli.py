@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from megatron_bitpipe.outputs import prepare_output
 from megatron_bitpipe.schedules import registry
 from megatron_bitpipe.schedules.errors import ScheduleConfigError, ScheduleError
 from megatron_bitpipe.schedules.ir import Schedule
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # ScheduleConfigError and ScheduleError are ValueErrors
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # an output that cannot be written: the path and the reason
+        print(f"{PROG}: error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
@@ -98,15 +102,15 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -482,6 +486,7 @@ def run_render(args: argparse.Namespace) -> int:
     writer = RENDERERS.get(out.suffix.lower())
     if writer is None:
         raise ValueError(f"--out {args.out}: the name must end in {', '.join(RENDERERS)}")
+    prepare_output(out, "--out")
     schedule = build_schedule(args.schedule, args, given_options(args))
     try:
         writer(schedule, args, out)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +47,76 @@ class RunPlan:
         return template.replace("{schedule}", self.schedule)
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+def _non_negative_int(value: object) -> bool:
+    return isinstance(value, int) and value >= 0
+
+
+def _finite(low: float, *, strict: bool = False, high: float | None = None):
+    def rule(value: object) -> bool:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > low if strict else value >= low
+        return above and (high is None or value < high)
+
+    return rule
+
+
+RANGES: tuple[tuple[str, str, Any], ...] = (
+    ("--pipeline-model-parallel-size", "an integer >= 1", _positive_int),
+    ("--tensor-model-parallel-size", "an integer >= 1", _positive_int),
+    ("--virtual-pipeline-model-parallel-size", "an integer >= 1", _positive_int),
+    ("--num-layers-per-virtual-pipeline-stage", "an integer >= 1", _positive_int),
+    ("--microbatch-group-size-per-virtual-pipeline-stage", "an integer >= 1", _positive_int),
+    ("--max-inflight", "an integer >= 1", _positive_int),
+    ("--num-layers", "an integer >= 1", _positive_int),
+    ("--hidden-size", "an integer >= 1", _positive_int),
+    ("--ffn-hidden-size", "an integer >= 1", _positive_int),
+    ("--num-attention-heads", "an integer >= 1", _positive_int),
+    ("--seq-length", "an integer >= 1", _positive_int),
+    ("--max-position-embeddings", "an integer >= 1", _positive_int),
+    ("--vocab-size", "an integer >= 1", _positive_int),
+    ("--micro-batch-size", "an integer >= 1", _positive_int),
+    ("--global-batch-size", "an integer >= 1", _positive_int),
+    ("--train-iters", "an integer >= 1", _positive_int),
+    ("--eval-iters", "an integer >= 0", _non_negative_int),
+    ("--save-interval", "an integer >= 1", _positive_int),
+    ("--check-replicas-every", "an integer >= 1", _positive_int),
+    ("--lr", "a finite number >= 0", _finite(0.0)),
+    ("--weight-decay", "a finite number >= 0", _finite(0.0)),
+    ("--adam-eps", "a finite number > 0", _finite(0.0, strict=True)),
+    ("--clip-grad", "a finite number >= 0", _finite(0.0)),
+    ("--hidden-dropout", "a number in [0, 1)", _finite(0.0, high=1.0)),
+    ("--attention-dropout", "a number in [0, 1)", _finite(0.0, high=1.0)),
+    ("--loss-scale", "a finite number > 0", _finite(0.0, strict=True)),
+    ("--initial-loss-scale", "a finite number > 0", _finite(0.0, strict=True)),
+    ("--min-loss-scale", "a finite number > 0", _finite(0.0, strict=True)),
+    ("--loss-scale-window", "a finite number >= 1", _finite(1.0)),
+    ("--hysteresis", "an integer >= 1", _positive_int),
+    ("--distributed-timeout-minutes", "a finite number > 0", _finite(0.0, strict=True)),
+    ("--step-timeout-seconds", "a finite number > 0", _finite(0.0, strict=True)),
+)
+"""Every numeric setting's range: (flag, rule, test). Settings absent or None are not checked."""
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Raise ArgumentsError for the first setting outside its range, naming flag, value, rule."""
+    for flag, rule, test in RANGES:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None and not test(value):
+            raise ArgumentsError(f"{flag} {value}: must be {rule}")
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
     """Check every rule that needs no process group; raise ArgumentsError naming the setting.
 
     ``--pipeline-schedule`` may list several schedules (comma separated): they run one after
     the other in one process group, each from the same initial weights and data.
     """
+    check_ranges(args)
     schedules = [name.strip() for name in args.pipeline_schedule.split(",") if name.strip()]
     _require(bool(schedules), "--pipeline-schedule needs at least one schedule name")
     _require(
@@ -269,11 +335,27 @@ def _registry_options(args: argparse.Namespace, schedule: str, vp: int | None) -
     return options
 
 
+TRAINER_FLAGS = (
+    (r"--pp\b", "--pipeline-model-parallel-size"),
+    (r"--microbatches (\d+)", r"\1 microbatches per data-parallel rank"),
+    (r"--vp\b", "--virtual-pipeline-model-parallel-size"),
+    (r"--microbatch-group-size\b", "--microbatch-group-size-per-virtual-pipeline-stage"),
+)
+"""The planning CLI's flags in the registry's messages, and the trainer's words for them."""
+
+
+def in_trainer_words(message: str) -> str:
+    """A registry message with the trainer's flag names instead of the planning CLI's."""
+    for pattern, replacement in TRAINER_FLAGS:
+        message = re.sub(pattern, replacement, message)
+    return message
+
+
 def _plan(schedule: str, pp: int, num_microbatches: int, options: dict[str, Any]) -> Any:
     try:
         return build(schedule, pp, num_microbatches, **options)
     except ScheduleConfigError as error:
         raise ArgumentsError(
-            f"{error} (--pipeline-model-parallel-size {pp}, {num_microbatches} "
+            f"{in_trainer_words(str(error))} (the global batch gives {num_microbatches} "
             f"microbatches per data-parallel rank)"
         ) from error

@@ -16,16 +16,33 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from megatron_bitpipe.outputs import OutputError, prepare_output
 from megatron_bitpipe.run_plan import ArgumentsError, RunPlan, validate_args
 
 __all__ = ["ArgumentsError", "RunPlan", "build_parser", "main", "validate_args"]
 
 
+PROG = "megatron_bitpipe.train"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), printed by rank 0 only, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    """One error line (from rank 0; every rank would print the same) and exit status 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron_bitpipe.train", description=__doc__.split("\n")[0]
-    )
+    parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--pipeline-model-parallel-size", type=int, default=1)
     add("--tensor-model-parallel-size", type=int, default=1)
@@ -79,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--trace",
         default=None,
-        help="Chrome trace (JSON) of the last iteration's actions (registry "
-        "schedules only); {schedule} is replaced by the schedule name",
+        help="Chrome trace (FILE.json) of the last iteration's actions, and its timeline "
+        "FILE.png (registry schedules only); {schedule} is replaced by the schedule name",
     )
     add(
         "--check-host-syncs",
@@ -93,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="log each rank's peak memory during the last iteration's forward-backward step "
         "(CUDA: max_memory_allocated; CPU: bytes counted by torch's profiler)",
+    )
+    add(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=3.0,
+        help="deadline of every set-up phase and collective (NCCL's default is 10)",
+    )
+    add(
+        "--step-timeout-seconds",
+        type=float,
+        default=120.0,
+        help="deadline of every action of a step (a message that does not come, an optimizer "
+        "step that does not end): the rank exits naming what it waited on",
+    )
+    add("--exit-on-nan", action="store_true", help="stop at a non-finite loss or gradient")
+    add(
+        "--check-replicas-every",
+        type=int,
+        default=None,
+        help="every K iterations, compare checksums of each stage's copies and stop if they differ",
     )
     add("--save", default=None, help="checkpoint folder (megatron-core distributed checkpoint)")
     add("--load", default=None, help="resume from the latest checkpoint in this folder")
@@ -108,16 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``python -m megatron_bitpipe.train`` (with or without torchrun)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         plans = validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    except ArgumentsError as error:
-        parser.error(str(error))
+        prepare_outputs(args, plans)
+    except (ArgumentsError, OutputError) as error:
+        fail(str(error))
     from megatron_bitpipe.mcore import training
 
     _set_up_process_environment()
     return training.run(args, plans)
+
+
+def prepare_outputs(args: argparse.Namespace, plans: Sequence[RunPlan]) -> None:
+    """Create every output's folder and prove it writable now, before any process group."""
+    for plan in plans:
+        if args.trace and plan.uses_registry:
+            prepare_output(plan.output_path(args.trace), "--trace", suffixes=(".json",))
+        if args.save_params:
+            prepare_output(plan.output_path(args.save_params), "--save-params")
+        if args.save:
+            prepare_output(plan.output_path(args.save), "--save", folder=True)
 
 
 def _set_up_process_environment() -> None:

@@ -179,7 +179,7 @@ def test_simulate_gives_a_rejected_row_when_one_of_several_refuses_the_settings(
     )
     rows = table_rows(out)
     assert status == 0
-    assert rows["bitpipe-official"][:2] == ["rejected:", "bitpipe:"]
+    assert rows["bitpipe-official"][:2] == ["rejected:", "bitpipe-official:"]
     assert "--pp 3 must be even" in out
 
 

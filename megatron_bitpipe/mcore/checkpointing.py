@@ -20,7 +20,11 @@ A checkpoint therefore loads under any other schedule, PP and placement, megatro
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
+import signal
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
+from megatron_bitpipe.runtime import faults
 from megatron_bitpipe.schedules.placement import Placement
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -125,12 +130,43 @@ def save_checkpoint(root: str, iteration: int, model: list[Any], optimizer: Any)
     state = model_state_dict(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata())
     state["iteration"] = iteration
+    _writers_die_with_this_process()
     dist_checkpointing.save(state, folder)
+    faults.trigger("save", rank=torch.distributed.get_rank(), iteration=iteration)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, TRACKER), "w", encoding="utf-8") as handle:
             handle.write(str(iteration))
     return folder
+
+
+_MANAGERS: list[Any] = []
+
+
+def _writers_die_with_this_process() -> None:
+    """Start megatron-core's checkpoint-writer queue in a server that dies with this process.
+
+    megatron-core 0.16 keeps the results of its writers in a ``multiprocessing`` Manager it
+    starts once, at the first save (``filesystem_async._results_queue``). A rank killed with
+    SIGKILL leaves that server running, holding the job's output open. The same queue is made
+    here, first, by a server that asks Linux to kill it when its parent dies.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "missing") is not None or _MANAGERS:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(_die_with_parent)
+    _MANAGERS.append(manager)
+    filesystem_async._results_queue = manager.Queue()
+
+
+def _die_with_parent() -> None:
+    """In a child: SIGKILL it when the parent dies (Linux ``PR_SET_PDEATHSIG``; no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def latest_iteration(root: str) -> int | None:

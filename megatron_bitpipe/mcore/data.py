@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from megatron_bitpipe.mcore.cpu import compute_device
 from megatron_bitpipe.mcore.model import unwrap
+from megatron_bitpipe.runtime import faults
 
 Batch = dict[str, torch.Tensor]
 
@@ -48,10 +50,13 @@ class MockGPTData:
         offsets = torch.arange(self.seq_length + 1).unsqueeze(0)
         sequence = (start + (step % 7 + 1) * offsets) % self.vocab_size
         positions = torch.arange(self.seq_length).unsqueeze(0).expand(self.micro_batch_size, -1)
+        loss_mask = torch.ones(self.micro_batch_size, self.seq_length)
+        if faults.planned("loss", iteration=iteration + 1, microbatch=global_index) is not None:
+            loss_mask.fill_(math.nan)  # the nan@loss test fault: this microbatch's loss is NaN
         batch = {
             "tokens": sequence[:, :-1].contiguous(),
             "labels": sequence[:, 1:].contiguous(),
-            "loss_mask": torch.ones(self.micro_batch_size, self.seq_length),
+            "loss_mask": loss_mask,
             "position_ids": positions.contiguous(),
         }
         return to_device(batch, compute_device())

@@ -6,7 +6,6 @@ Lines are printed by the last global rank, as Megatron-LM's ``print_rank_last`` 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -35,6 +34,8 @@ class IterationReport:
     loss_scale: float
     grad_norm: float | None
     skipped: bool
+    nan: bool = False
+    """The step's loss or a gradient was not finite (the update was skipped)."""
 
     def line(self) -> str:
         """Megatron-LM's training log line (log interval 1)."""
@@ -49,9 +50,8 @@ class IterationReport:
         text += f" loss scale: {self.loss_scale:.1f} |"
         if self.grad_norm is not None:
             text += f" grad norm: {self.grad_norm:.6E} |"
-        nan = self.loss is not None and not math.isfinite(self.loss)
         text += f" number of skipped iterations: {int(self.skipped):3d} |"
-        text += f" number of nan iterations: {int(nan):3d} |"
+        text += f" number of nan iterations: {int(self.nan):3d} |"
         return text
 
 

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import megatron.core.pipeline_parallel as mcore_pipeline_parallel
@@ -47,8 +48,13 @@ from megatron_bitpipe.mcore.reporting import (
     write_trace,
 )
 from megatron_bitpipe.run_plan import RunPlan
+from megatron_bitpipe.runtime import faults
+from megatron_bitpipe.runtime.channels import CommunicatorSetupError
+from megatron_bitpipe.runtime.deadline import Deadline, PhaseError
+from megatron_bitpipe.runtime.errors import P2PError
 from megatron_bitpipe.runtime.host_syncs import HostSyncAudit
 from megatron_bitpipe.runtime.memory import PeakMemory
+from megatron_bitpipe.runtime.watchdog import exit_process
 from megatron_bitpipe.schedules.simulate import peak_activations
 
 
@@ -62,6 +68,7 @@ class _Session:
     optimizer: Any
     groups: GradientGroups
     step: Callable[..., list[Any]]
+    deadline: Deadline
     host_syncs: dict[str, list[Any]] = field(default_factory=dict)
     peak_memory: int | None = None
 
@@ -95,17 +102,50 @@ class _Session:
         )
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (a non-finite loss with --exit-on-nan, diverged replicas)."""
+
+
+ONE_LINE_ERRORS = (P2PError, PhaseError, CommunicatorSetupError, TrainingStopped)
+"""Failures reported as one line naming the rank and what failed (no traceback)."""
+
+
 def run(args: argparse.Namespace, plans: Sequence[RunPlan]) -> int:
-    """Train each plan (one per schedule) in turn in one process group; 0 on success."""
-    _init_distributed(args)
-    configure_logging()
-    for plan in plans:
-        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-        if len(plans) > 1:
-            log(f"schedule {plan.schedule}")
-        _run_schedule(_build(args, plan))
+    """Train each plan (one per schedule) in turn in one process group; 0 on success.
+
+    Every phase has a deadline (``--distributed-timeout-minutes`` for set-up, collectives and
+    checkpoints; ``--step-timeout-seconds`` for each action of a step and the optimizer step):
+    a rank that overruns one, or whose peer died, prints one line and exits non-zero.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    deadline = Deadline(rank)
+    try:
+        faults.trigger("setup", rank=rank)
+        others = int(os.environ.get("WORLD_SIZE", "1")) - 1
+        rendezvous = (
+            f"{others} other rank{'s' if others != 1 else ''} at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        )
+        with deadline.phase(
+            "set-up: rendezvous and process groups", _setup_seconds(args), waiting=lambda: rendezvous
+        ):
+            _init_distributed(args)
+        configure_logging()
+        for plan in plans:
+            tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+            if len(plans) > 1:
+                log(f"schedule {plan.schedule}")
+            with deadline.phase(f"set-up of {plan.schedule}: model and communicators", _setup_seconds(args)):
+                session = _build(args, plan, deadline)
+            _run_schedule(session)
+    except ONE_LINE_ERRORS as error:
+        exit_process(str(error).splitlines()[0])
     dist.destroy_process_group()
     return 0
+
+
+def _setup_seconds(args: argparse.Namespace) -> float:
+    return args.distributed_timeout_minutes * 60.0
 
 
 def _run_schedule(session: _Session) -> None:
@@ -161,7 +201,7 @@ def _check_stash_against_simulation(session: _Session) -> None:
         )
 
 
-def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
+def _build(args: argparse.Namespace, plan: RunPlan, deadline: Deadline) -> _Session:
     config = _transformer_config(args, plan)
     chunks = build_chunks(
         config,
@@ -190,8 +230,9 @@ def _build(args: argparse.Namespace, plan: RunPlan) -> _Session:
     optimizer = _optimizer(args, model, plan)
     config.grad_scale_func = optimizer.scale_loss
     if plan.uses_registry:
-        setup_communication(plan.placement, groups)
-    return _Session(args, plan, model, optimizer, groups, _forward_backward_func(plan))
+        setup_communication(plan.placement, groups, timeout_s=args.step_timeout_seconds)
+    step = _forward_backward_func(plan)
+    return _Session(args, plan, model, optimizer, groups, step, deadline)
 
 
 def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -211,7 +252,8 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         for chunk in session.model:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
-        with _step_checks(session, iteration):
+        with _step_phase(session, iteration), _step_checks(session, iteration):
+            faults.trigger("step", rank=dist.get_rank(), iteration=iteration)
             reported = session.run_step(data_iterator, forward_only=False)
         loss = _average_loss(reported)
         if iteration == 1 and args.save_params and not args.use_distributed_optimizer:
@@ -219,7 +261,19 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
                 session.model, plan.placement, tied=session.tied, gradients=True
             )
             first_gradients = gather_to_first_rank(gradients)
-        updated, grad_norm, _ = session.optimizer.step()
+        with session.deadline.phase(
+            f"optimizer step of iteration {iteration}",
+            args.step_timeout_seconds,
+            waiting=lambda: f"the optimizer's collectives with the other ranks {_peers()}",
+        ):
+            faults.trigger("optimizer", rank=dist.get_rank(), iteration=iteration)
+            finite = _all_finite(session, loss)
+            if finite:
+                updated, grad_norm, _ = session.optimizer.step()
+            else:
+                updated, grad_norm = False, None
+                _on_non_finite(session, iteration, loss)
+        _perturb_if_planned(session, iteration)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if loss is not None:
             losses.append(loss)
@@ -233,17 +287,92 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
             loss_scale=float(session.optimizer.get_loss_scale()),
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not updated,
+            nan=not finite,
         )
         log(report.line())
         if trace_origin is not None:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
+        if args.check_replicas_every and iteration % args.check_replicas_every == 0:
+            _check_replicas(session, iteration)
         interval = args.save_interval or args.train_iters
         if args.save and (iteration % interval == 0 or iteration == args.train_iters):
-            folder = checkpointing.save_checkpoint(
-                plan.output_path(args.save), iteration, session.model, session.optimizer
-            )
+            with session.deadline.phase(f"checkpoint save of iteration {iteration}", _setup_seconds(args)):
+                folder = checkpointing.save_checkpoint(
+                    plan.output_path(args.save), iteration, session.model, session.optimizer
+                )
             log(f" saved checkpoint at iteration {iteration} to {folder}")
     return losses, first_gradients
+
+
+def _step_phase(session: _Session, iteration: int) -> Any:
+    """The deadline of a step: ``--step-timeout-seconds`` without an action completing."""
+
+    def progress() -> object:
+        executor = forward_backward.last_executor()
+        return None if executor is None else (id(executor), executor.actions_done)
+
+    def waiting() -> str | None:
+        executor = forward_backward.last_executor()
+        if executor is None or executor.current_action is None:
+            return None
+        message = executor.p2p.waiting_for if executor.p2p is not None else None
+        action = f"action {executor.current_action}"
+        return f"{message} in {action}" if message else action
+
+    return session.deadline.phase(
+        f"step {iteration}", session.args.step_timeout_seconds, progress=progress, waiting=waiting
+    )
+
+
+def _peers() -> list[int]:
+    """The global ranks this rank's optimizer reduces with (model parallel and data parallel)."""
+    groups = (
+        parallel_state.get_model_parallel_group(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    ranks = {rank for group in groups for rank in dist.get_process_group_ranks(group)}
+    return sorted(ranks - {dist.get_rank()})
+
+
+def _all_finite(session: _Session, loss: float | None) -> bool:
+    """Is every rank's loss (and, but with fp16, gradient) finite? One decision for all ranks
+    (both replicas and every data-parallel rank): a MIN all-reduce of each rank's verdict. With
+    fp16 an overflowing gradient is megatron's loss scaler's business: it skips the step itself
+    and lowers the scale."""
+    local = loss is None or math.isfinite(loss)
+    if not session.args.fp16:
+        for chunk in session.model:
+            for buffer in getattr(chunk, "buffers", ()):
+                local = local and bool(torch.isfinite(buffer.grad_data).all())
+    flag = torch.tensor([1.0 if local else 0.0], device=cpu.compute_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _on_non_finite(session: _Session, iteration: int, loss: float | None) -> None:
+    """Megatron's behaviour: skip the update and count it, or stop with --exit-on-nan."""
+    what = f"lm loss {loss}" if loss is not None and not math.isfinite(loss) else "a gradient"
+    where = f"iteration {iteration}: {what} is not finite"
+    if session.args.exit_on_nan:
+        raise TrainingStopped(f"rank {dist.get_rank()}: {where}; stopping (--exit-on-nan)")
+    log(f" {where}: the update is skipped on every rank")
+
+
+def _perturb_if_planned(session: _Session, iteration: int) -> None:
+    """The ``perturb@parameters`` test fault: nudge one parameter of this rank's first chunk."""
+    if faults.planned("parameters", rank=dist.get_rank(), iteration=iteration) is not None:
+        with torch.no_grad():
+            next(session.model[0].parameters()).view(-1)[0] += 1e-3
+
+
+def _check_replicas(session: _Session, iteration: int) -> None:
+    """--check-replicas-every: every copy of every stage bitwise equal, or stop naming it."""
+    try:
+        assert_replicas_identical(session.model, session.groups)
+    except AssertionError as error:
+        raise TrainingStopped(f"rank {dist.get_rank()}: iteration {iteration}: {error}") from error
+    if len(session.groups.ranks) > 1:
+        log(f" iteration {iteration}: the copies of every stage are bitwise identical")
 
 
 @contextlib.contextmanager
@@ -315,10 +444,12 @@ def _init_distributed(args: argparse.Namespace) -> None:
         os.environ.setdefault(WAITS_VARIABLE, "watchdog")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = timedelta(minutes=args.distributed_timeout_minutes)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        distributed_timeout_minutes=max(1, math.ceil(args.distributed_timeout_minutes)),
     )
 
 

@@ -102,6 +102,11 @@ class Executor:
         return self._trace
 
     @property
+    def actions_done(self) -> int:
+        """Actions of the current (or last) run completed so far: the run's progress."""
+        return len(self._marks)
+
+    @property
     def live_activations(self) -> int:
         """(stage, microbatch) pairs stashed right now: +1 at F, -1 after B (or W when split)."""
         return len(self._stash)

@@ -38,7 +38,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_bitpipe.runtime.errors import P2PError, P2PTimeoutError
+from megatron_bitpipe.runtime.errors import P2PError, P2PTimeoutError, backend_reason
 from megatron_bitpipe.runtime.watchdog import Watchdog
 from megatron_bitpipe.schedules.ir import Action, Kind
 from megatron_bitpipe.schedules.placement import Placement
@@ -103,6 +103,8 @@ class P2P:
         self.held_bytes = 0
         """Bytes of send payloads kept alive now (until each send is known complete)."""
         self.peak_held_bytes = 0
+        self.waiting_for: str | None = None
+        """What the host is waiting for right now (the Deadline names it), else None."""
         self._receives: dict[Action, _Message] = {}
         self._sends: dict[Action, _Message] = {}
 
@@ -127,7 +129,11 @@ class P2P:
             raise RuntimeError(f"rank {self.rank}: {action} posted twice")
         peer = self.peer_of(action)
         buffer = self.make_buffer(action)
-        self._receives[action] = _Message(action, peer, buffer, self._start_recv(buffer, peer))
+        try:
+            work = self._start_recv(buffer, peer)
+        except RuntimeError as error:
+            raise self._failure(action, peer, "from", error) from error
+        self._receives[action] = _Message(action, peer, buffer, work)
 
     def wait_recv(self, action: Action) -> torch.Tensor:
         """Wait (with timeout) for a posted receive; return its buffer."""
@@ -148,7 +154,11 @@ class P2P:
             raise RuntimeError(f"rank {self.rank}: {action} sent twice")
         peer = self.peer_of(action)
         payload = tensor.detach().contiguous()
-        self._sends[action] = _Message(action, peer, payload, self._start_send(payload, peer))
+        try:
+            work = self._start_send(payload, peer)
+        except RuntimeError as error:
+            raise self._failure(action, peer, "to", error) from error
+        self._sends[action] = _Message(action, peer, payload, work)
         self.held_bytes += payload.nbytes
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
 
@@ -185,6 +195,13 @@ class P2P:
         sends = [f"{m.action} to rank {m.peer}" for m in self._sends.values()]
         return receives + sends
 
+    def _failure(self, action: Action, peer: int, preposition: str, error: Exception) -> P2PError:
+        """The error of posting ``action``: names the rank, the message and the peer."""
+        return P2PError(
+            f"rank {self.rank}: posting {action.kind.value} of stage {action.stage} microbatch "
+            f"{action.microbatch} {preposition} rank {peer} failed: {backend_reason(error)}"
+        )
+
     def _start_send(self, payload: torch.Tensor, peer: int) -> dist.Work:
         return dist.isend(payload, dst=self._global_rank(peer), group=self._channel(self.rank, peer))
 
@@ -200,6 +217,7 @@ class P2P:
             f"{preposition} rank {message.peer}"
         )
         started = time.perf_counter()
+        self.waiting_for = what
         try:
             if self.watchdog is None:
                 message.work.wait(timedelta(seconds=self.timeout_s))
@@ -222,10 +240,11 @@ class P2P:
                 )
             else:
                 failure = P2PError(
-                    f"rank {self.rank}: {what} failed after {elapsed:.1f} s: {error}"
+                    f"rank {self.rank}: {what} failed after {elapsed:.1f} s: "
+                    f"{backend_reason(error)}"
                 )
-            logger.error("%s", failure)
             raise failure from error
+        self.waiting_for = None
         message.work = None
 
     def _channel(self, sender: int, receiver: int) -> dist.ProcessGroup | None:

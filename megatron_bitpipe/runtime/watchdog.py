@@ -33,9 +33,29 @@ class Waitable(Protocol):
 
 
 def exit_process(message: str) -> None:
-    """Default ``on_hang``: print the message and end the process with status 1."""
+    """Print the message and end the process with status 1, now, with the processes it started.
+
+    ``os._exit`` skips the interpreter's clean-up, which would wait for the very peers that are
+    gone; the children (megatron-core's checkpoint writers) are killed first, or they would
+    outlive us holding our output open.
+    """
     print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    kill_children()
     os._exit(1)
+
+
+def kill_children() -> None:
+    """SIGKILL every process this one started (and theirs), where psutil can list them."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 class Watchdog:

@@ -70,6 +70,11 @@ def check(num_ranks: int, num_microbatches: int, **options: object) -> None:
     check_replica_pairs("bitpipe", num_ranks, num_microbatches)
 
 
+def check_official(num_ranks: int, num_microbatches: int, **options: object) -> None:
+    """``check``, with the errors labelled bitpipe-official."""
+    check_replica_pairs("bitpipe-official", num_ranks, num_microbatches)
+
+
 def check_inflight(num_ranks: int, num_microbatches: int, max_inflight: int | None = None) -> None:
     """``check`` plus: ``max_inflight`` must leave room for one official unit (D/2)."""
     check(num_ranks, num_microbatches)
@@ -514,14 +519,16 @@ register(
         summary="BitPipe, bidirectional V (arXiv 2410.19367) with a steady state: idle flat in N",
         options=("max_inflight",),
         bidirectional=True,
+        chunks_per_rank=4,
     )
 )
 register(
     ScheduleSpec(
         name="bitpipe-official",
         generate=generate_official,
-        check=check,
+        check=check_official,
         summary="BitPipe as in wuhouming/BitPipe: units of D microbatches, directly concatenated",
         bidirectional=True,
+        chunks_per_rank=4,
     )
 )

@@ -73,5 +73,6 @@ register(
         check=check,
         summary="Chimera: two replicas, down and up 1F1B merged (SC'21), direct concatenation",
         bidirectional=True,
+        chunks_per_rank=2,
     )
 )

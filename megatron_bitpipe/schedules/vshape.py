@@ -90,6 +90,7 @@ register(
         generate=generate_v_min,
         check=check_v_shape,
         summary="V-shape with about 1/3 of 1F1B's activation memory (arXiv 2405.15362)",
+        chunks_per_rank=2,
     )
 )
 register(
@@ -98,6 +99,7 @@ register(
         generate=generate_v_half,
         check=check_v_shape,
         summary="V-shape with about 1/2 of 1F1B's activation memory (arXiv 2405.15362)",
+        chunks_per_rank=2,
     )
 )
 register(
@@ -106,5 +108,6 @@ register(
         generate=generate_v_zb,
         check=check_v_zb,
         summary="V-shape zero bubble with 1F1B's activation memory (arXiv 2405.15362)",
+        chunks_per_rank=2,
     )
 )
