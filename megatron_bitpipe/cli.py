@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 from megatron_bitpipe.outputs import prepare_output
 from megatron_bitpipe.schedules import registry
@@ -76,9 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of ``COMMANDS``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Pipeline-parallel schedules (BitPipe, V-shape, ...) for megatron-core.",
     )

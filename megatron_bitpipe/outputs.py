@@ -7,6 +7,7 @@ and the path (``OutputError``, a ValueError).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -25,12 +26,11 @@ def prepare_output(
     target = path if folder else path.parent
     try:
         target.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test" if folder else path
-        existed = probe.exists()
-        with open(probe, "ab"):
-            pass
-        if not existed:
-            probe.unlink()
+        probe = target / f".{path.name}.{os.getpid()}.write-test"  # one per process: no races
+        probe.touch()
+        probe.unlink()
     except OSError as error:
         raise OutputError(f"{flag} {path}: cannot write there: {error.strerror}") from error
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{flag} {path}: cannot write there: the file is read-only")
     return path

@@ -113,9 +113,9 @@ def test_launcher_stops_before_anything_starts_with_one_line_and_status_2(tmp_pa
                  env={"WORLD_SIZE": "3"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "megatron_bitpipe: error: bitpipe: --pp 3 must be even and >= 2: the two pipelines pair "
-        "rank r with rank D-1-r, which hold the same stages (--pipeline-model-parallel-size 3, "
-        "8 microbatches per data-parallel rank)"
+        "megatron_bitpipe: error: bitpipe: --pipeline-model-parallel-size 3 must be even and >= 2: "
+        "the two pipelines pair rank r with rank D-1-r, which hold the same stages (the global "
+        "batch gives 8 microbatches per data-parallel rank)"
     ]
 
 

@@ -341,3 +341,23 @@ def test_a_peer_gone_is_one_line_not_a_gloo_dump():
     assert backend_reason(gloo) == "a peer is gone (Connection reset by peer)"
     timeout = RuntimeError("[x/unbound_buffer.cc:129] Timed out waiting 15000ms for send operation")
     assert backend_reason(timeout).startswith("timed out after 15 s waiting for a send")
+
+
+CLI_REFUSALS = [
+    (["simulate", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--cost-f", "inf"],
+     "argument --cost-f: must be a finite number > 0, got inf"),
+    (["render", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4", "--out", "/proc/x.png"],
+     "--out /proc/x.png: cannot write there"),
+    (["plan", "--schedule", "1f1b", "--pp", "1024", "--microbatches", "100000"],
+     "would be a plan of about 6.1e+08 actions (~172 GiB to build); the limit is 1e+07 actions"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CLI_REFUSALS, ids=[argv[0] for argv, _ in CLI_REFUSALS])
+def test_the_planning_cli_refuses_in_one_line_and_status_2(argv, message):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "megatron_bitpipe", *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
