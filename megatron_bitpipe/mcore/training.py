@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -27,7 +26,14 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.transformer import TransformerConfig
 
-from megatron_bitpipe.mcore import checkpointing, compat, cpu, forward_backward
+from megatron_bitpipe.mcore import (
+    checkpointing,
+    compat,
+    cpu,
+    diagnostics,
+    forward_backward,
+    guards,
+)
 from megatron_bitpipe.mcore.communication import WAITS_VARIABLE, setup_communication
 from megatron_bitpipe.mcore.data import MockGPTData, forward_step
 from megatron_bitpipe.mcore.export import full_parameters, gather_to_first_rank
@@ -52,8 +58,6 @@ from megatron_bitpipe.runtime import faults
 from megatron_bitpipe.runtime.channels import CommunicatorSetupError
 from megatron_bitpipe.runtime.deadline import Deadline, PhaseError
 from megatron_bitpipe.runtime.errors import P2PError
-from megatron_bitpipe.runtime.host_syncs import HostSyncAudit
-from megatron_bitpipe.runtime.memory import PeakMemory
 from megatron_bitpipe.runtime.watchdog import exit_process
 from megatron_bitpipe.schedules.simulate import peak_activations
 
@@ -69,8 +73,7 @@ class _Session:
     groups: GradientGroups
     step: Callable[..., list[Any]]
     deadline: Deadline
-    host_syncs: dict[str, list[Any]] = field(default_factory=dict)
-    peak_memory: int | None = None
+    findings: diagnostics.Findings = field(default_factory=diagnostics.Findings)
 
     @property
     def tied(self) -> bool:
@@ -102,11 +105,7 @@ class _Session:
         )
 
 
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (a non-finite loss with --exit-on-nan, diverged replicas)."""
-
-
-ONE_LINE_ERRORS = (P2PError, PhaseError, CommunicatorSetupError, TrainingStopped)
+ONE_LINE_ERRORS = (P2PError, PhaseError, CommunicatorSetupError, guards.TrainingStopped)
 """Failures reported as one line naming the rank and what failed (no traceback)."""
 
 
@@ -154,14 +153,10 @@ def _run_schedule(session: _Session) -> None:
     losses, first_gradients = _train(session)
     if plan.uses_registry:
         _check_stash_against_simulation(session)
-    if session.peak_memory is not None:
-        log(f"peak activation memory per rank (bytes): {per_rank(session.peak_memory)}")
-        executor = forward_backward.last_executor()
-        if plan.uses_registry and executor is not None and executor.p2p is not None:
-            held = per_rank(executor.p2p.peak_held_bytes)
-            log(f"of which sends not yet known complete, per rank (bytes): {held}")
+    if args.measure_memory:
+        diagnostics.report_memory(session.findings, registry=plan.uses_registry)
     if args.check_host_syncs:
-        _report_host_syncs(session)
+        diagnostics.report_host_syncs(session.findings, plan.schedule, args.train_iters)
     validation = _evaluate(session) if args.eval_iters else None
     assert_replicas_identical(session.model, session.groups)
     if plan.placement.num_pipelines > 1:
@@ -252,7 +247,8 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         for chunk in session.model:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
-        with _step_phase(session, iteration), _step_checks(session, iteration):
+        step_phase = guards.step_phase(session.deadline, iteration, args.step_timeout_seconds)
+        with step_phase, diagnostics.step_checks(args, iteration, session.findings):
             faults.trigger("step", rank=dist.get_rank(), iteration=iteration)
             reported = session.run_step(data_iterator, forward_only=False)
         loss = _average_loss(reported)
@@ -261,19 +257,15 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
                 session.model, plan.placement, tied=session.tied, gradients=True
             )
             first_gradients = gather_to_first_rank(gradients)
-        with session.deadline.phase(
-            f"optimizer step of iteration {iteration}",
-            args.step_timeout_seconds,
-            waiting=lambda: f"the optimizer's collectives with the other ranks {_peers()}",
-        ):
+        with guards.optimizer_phase(session.deadline, iteration, args.step_timeout_seconds):
             faults.trigger("optimizer", rank=dist.get_rank(), iteration=iteration)
-            finite = _all_finite(session, loss)
+            finite = guards.all_finite(session.model, loss, gradients=not args.fp16)
             if finite:
                 updated, grad_norm, _ = session.optimizer.step()
             else:
                 updated, grad_norm = False, None
-                _on_non_finite(session, iteration, loss)
-        _perturb_if_planned(session, iteration)
+                guards.on_non_finite(iteration, loss, stop=args.exit_on_nan)
+        guards.perturb_if_planned(session.model, iteration)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if loss is not None:
             losses.append(loss)
@@ -293,7 +285,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         if trace_origin is not None:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
         if args.check_replicas_every and iteration % args.check_replicas_every == 0:
-            _check_replicas(session, iteration)
+            guards.check_replicas(session.model, session.groups, iteration)
         interval = args.save_interval or args.train_iters
         if args.save and (iteration % interval == 0 or iteration == args.train_iters):
             with session.deadline.phase(f"checkpoint save of iteration {iteration}", _setup_seconds(args)):
@@ -302,116 +294,6 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
                 )
             log(f" saved checkpoint at iteration {iteration} to {folder}")
     return losses, first_gradients
-
-
-def _step_phase(session: _Session, iteration: int) -> Any:
-    """The deadline of a step: ``--step-timeout-seconds`` without an action completing."""
-
-    def progress() -> object:
-        executor = forward_backward.last_executor()
-        return None if executor is None else (id(executor), executor.actions_done)
-
-    def waiting() -> str | None:
-        executor = forward_backward.last_executor()
-        if executor is None or executor.current_action is None:
-            return None
-        message = executor.p2p.waiting_for if executor.p2p is not None else None
-        action = f"action {executor.current_action}"
-        return f"{message} in {action}" if message else action
-
-    return session.deadline.phase(
-        f"step {iteration}", session.args.step_timeout_seconds, progress=progress, waiting=waiting
-    )
-
-
-def _peers() -> list[int]:
-    """The global ranks this rank's optimizer reduces with (model parallel and data parallel)."""
-    groups = (
-        parallel_state.get_model_parallel_group(),
-        parallel_state.get_data_parallel_group(with_context_parallel=True),
-    )
-    ranks = {rank for group in groups for rank in dist.get_process_group_ranks(group)}
-    return sorted(ranks - {dist.get_rank()})
-
-
-def _all_finite(session: _Session, loss: float | None) -> bool:
-    """Is every rank's loss (and, but with fp16, gradient) finite? One decision for all ranks
-    (both replicas and every data-parallel rank): a MIN all-reduce of each rank's verdict. With
-    fp16 an overflowing gradient is megatron's loss scaler's business: it skips the step itself
-    and lowers the scale."""
-    local = loss is None or math.isfinite(loss)
-    if not session.args.fp16:
-        for chunk in session.model:
-            for buffer in getattr(chunk, "buffers", ()):
-                local = local and bool(torch.isfinite(buffer.grad_data).all())
-    flag = torch.tensor([1.0 if local else 0.0], device=cpu.compute_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _on_non_finite(session: _Session, iteration: int, loss: float | None) -> None:
-    """Megatron's behaviour: skip the update and count it, or stop with --exit-on-nan."""
-    what = f"lm loss {loss}" if loss is not None and not math.isfinite(loss) else "a gradient"
-    where = f"iteration {iteration}: {what} is not finite"
-    if session.args.exit_on_nan:
-        raise TrainingStopped(f"rank {dist.get_rank()}: {where}; stopping (--exit-on-nan)")
-    log(f" {where}: the update is skipped on every rank")
-
-
-def _perturb_if_planned(session: _Session, iteration: int) -> None:
-    """The ``perturb@parameters`` test fault: nudge one parameter of this rank's first chunk."""
-    if faults.planned("parameters", rank=dist.get_rank(), iteration=iteration) is not None:
-        with torch.no_grad():
-            next(session.model[0].parameters()).view(-1)[0] += 1e-3
-
-
-def _check_replicas(session: _Session, iteration: int) -> None:
-    """--check-replicas-every: every copy of every stage bitwise equal, or stop naming it."""
-    try:
-        assert_replicas_identical(session.model, session.groups)
-    except AssertionError as error:
-        raise TrainingStopped(f"rank {dist.get_rank()}: iteration {iteration}: {error}") from error
-    if len(session.groups.ranks) > 1:
-        log(f" iteration {iteration}: the copies of every stage are bitwise identical")
-
-
-@contextlib.contextmanager
-def _step_checks(session: _Session, iteration: int) -> Iterator[None]:
-    """--measure-memory (last iteration) and --check-host-syncs (from iteration 2) around a step."""
-    args = session.args
-    with contextlib.ExitStack() as stack:
-        peak = None
-        if args.measure_memory and iteration == args.train_iters:
-            peak = stack.enter_context(PeakMemory())
-        audit = None
-        if args.check_host_syncs and iteration >= 2:
-            audit = stack.enter_context(HostSyncAudit())
-            if torch.cuda.is_available():
-                torch.cuda.set_sync_debug_mode("error")
-                stack.callback(torch.cuda.set_sync_debug_mode, "default")
-        yield
-    if peak is not None:
-        session.peak_memory = peak.bytes
-    if audit is not None:
-        for name, (count, where) in audit.calls.items():
-            entry = session.host_syncs.setdefault(name, [0, where])
-            entry[0] += count
-
-
-def _report_host_syncs(session: _Session) -> None:
-    """Log the host syncs every rank's steps made after the first; raise if there were any."""
-    everyone = per_rank(session.host_syncs)
-    found = {
-        f"rank {rank}: {name} x{count} (first at {where})"
-        for rank, calls in enumerate(everyone)
-        for name, (count, where) in calls.items()
-    }
-    iterations = f"iterations 2-{session.args.train_iters}"
-    if found:
-        raise RuntimeError(
-            f"{session.plan.schedule}: host syncs in the step ({iterations}): " + "; ".join(sorted(found))
-        )
-    log(f"host syncs in the step ({iterations}): none")
 
 
 @torch.no_grad()
