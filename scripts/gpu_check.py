@@ -6,12 +6,17 @@ Two ranks cannot share a GPU under NCCL, so everything here runs at PP=1 through
 (the registry schedules that take one rank) against megatron-core's own
 ``forward_backward_no_pipelining`` (``--pipeline-schedule none``), each in one process:
 
-1. fp32 and bf16: every PP=1 schedule's ``lm loss`` equals ``none``'s (fp32 to 1e-5, bf16 to 1e-2),
+1. fp32, bf16 and fp16 (dynamic loss scaling): every PP=1 schedule's ``lm loss`` equals
+   ``none``'s (fp32 to 1e-5, bf16 and fp16 to 1e-2),
    with ``--check-host-syncs`` on (``torch.cuda.set_sync_debug_mode("error")`` around every step
    after the first, plus the call audit): a host sync fails the run;
 2. parity: bf16, 8 layers, hidden 2048, seq 1024, the step time of ``1f1b`` through our executor
    against ``none`` (median of the iterations after the first two): ratio <= 1.02;
-3. memory: the same runs' peak memory during the step (``max_memory_allocated``): ours <= 1.05x.
+3. memory: the same runs' peak memory during the step (``max_memory_allocated``): ours <= 1.05x;
+4. trace: the 1f1b run's ``--trace`` times actions with CUDA events, so its F and B spans add up
+   to most of a step (>= 0.5 of the median step time; host-time spans of queued kernels would not).
+
+``--logs DIR`` keeps every run's whole output there.
 
 Exit status 1 when any check fails. Multi-GPU behaviour (NCCL channels, the set-up order, the
 loss reduction, replicas) rests on the CPU tests and the NCCL-rules replay (tests/test_nccl_rules.py).
@@ -37,12 +42,13 @@ SMALL = (
 ).split()
 PARITY = (
     "--num-layers 8 --hidden-size 2048 --num-attention-heads 16 --seq-length 1024 "
-    "--vocab-size 32000 --micro-batch-size 4 --global-batch-size 32 --train-iters 8 --lr 1e-5 "
+    "--vocab-size 32000 --micro-batch-size 4 --global-batch-size 32 --train-iters 12 --lr 1e-5 "
     "--seed 1234 --bf16 --measure-memory"
 ).split()
-TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 
 failures = 0
+logs: str | None = None
 
 
 def report(ok: bool, line: str) -> None:
@@ -51,12 +57,16 @@ def report(ok: bool, line: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'} {line}", flush=True)
 
 
-def train(arguments: list[str]) -> tuple[int, str]:
-    """One trainer process on this GPU; (exit status, stdout + stderr)."""
+def train(arguments: list[str], name: str) -> tuple[int, str]:
+    """One trainer process on this GPU; (exit status, stdout + stderr), kept in ``logs``/name.log."""
     command = [sys.executable, "-m", "megatron_bitpipe.train", *arguments]
     environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
-    return result.returncode, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if logs is not None:
+        with open(os.path.join(logs, f"{name}.log"), "w") as log_file:
+            log_file.write(" ".join(command) + "\n" + output)
+    return result.returncode, output
 
 
 def sections(log: str) -> dict[str, str]:
@@ -71,9 +81,9 @@ def worst_relative(values: list[float], reference: list[float]) -> float:
 
 
 def check_losses_and_syncs(precision: str) -> None:
-    flags = ["--bf16"] if precision == "bf16" else []
+    flags = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[precision]
     arguments = [*SMALL, *flags, "--check-host-syncs", "--virtual-pipeline-model-parallel-size", "2"]
-    status, log = train([*arguments, "--pipeline-schedule", ",".join(PP1_SCHEDULES)])
+    status, log = train([*arguments, "--pipeline-schedule", ",".join(PP1_SCHEDULES)], precision)
     parts = sections(log)
     if status != 0 or "none" not in parts:
         report(False, f"{precision}: the run failed (exit {status}): {log[-1500:]}")
@@ -92,10 +102,11 @@ def check_losses_and_syncs(precision: str) -> None:
            f"'error' and the call audit){'; failed: ' + ', '.join(synced) if synced else ''}")
 
 
-def check_parity_and_memory() -> None:
+def check_parity_and_memory(trace: str) -> None:
     measured = {}
     for schedule in ("none", "1f1b"):
-        status, log = train([*PARITY, "--pipeline-schedule", schedule])
+        traced = ["--trace", trace] if schedule == "1f1b" else []
+        status, log = train([*PARITY, "--pipeline-schedule", schedule, *traced], f"parity-{schedule}")
         steps = [float(value) for value in STEP.findall(log)]
         peak = PEAK.search(log)
         if status != 0 or len(steps) < 4 or peak is None:
@@ -113,10 +124,40 @@ def check_parity_and_memory() -> None:
         f"peak memory of the step, ours {ours_bytes / 2**20:.1f} MiB vs megatron's "
         f"{theirs_bytes / 2**20:.1f} MiB: ratio {ours_bytes / theirs_bytes:.3f} (<= 1.05)",
     )
+    check_trace(trace, ours_ms)
+
+
+def check_trace(path: str, step_ms: float) -> None:
+    """The traced step's F and B spans (GPU time) cover at least half of a step."""
+    try:
+        with open(path) as trace_file:
+            events = json.load(trace_file)["traceEvents"]
+    except (OSError, ValueError, KeyError) as error:
+        report(False, f"trace: {path} unreadable: {error}")
+        return
+    spans = [event for event in events if event.get("ph") == "X"]
+    compute_ms = sum(event["dur"] for event in spans if event["name"][:1] in "FB") / 1e3
+    ordered = all(event["dur"] >= 0 for event in spans)
+    report(
+        ordered and compute_ms >= 0.5 * step_ms,
+        f"trace: F and B spans of the last step add up to {compute_ms:.1f} ms of a "
+        f"{step_ms:.1f} ms step (ratio {compute_ms / step_ms:.2f}, >= 0.5: CUDA-event time), "
+        f"{len(spans)} spans",
+    )
 
 
 def main() -> int:
+    global logs
+    import argparse
+    import tempfile
+
     import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--logs", help="keep every run's whole output in this folder")
+    logs = parser.parse_args().logs
+    if logs is not None:
+        os.makedirs(logs, exist_ok=True)
 
     if not torch.cuda.is_available():
         print("FAIL no CUDA device: scripts/gpu_check.sh needs a GPU", flush=True)
@@ -131,7 +172,9 @@ def main() -> int:
     )
     check_losses_and_syncs("fp32")
     check_losses_and_syncs("bf16")
-    check_parity_and_memory()
+    check_losses_and_syncs("fp16")
+    with tempfile.TemporaryDirectory() as scratch:
+        check_parity_and_memory(os.path.join(logs or scratch, "trace-1f1b.json"))
     print(f"gpu_check: {failures} failed, {time.perf_counter() - started:.0f} s", flush=True)
     return 1 if failures else 0
 
