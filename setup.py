@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_bitpipe", "megatron_bitpipe.*"]),
     python_requires=">=3.10",
-    install_requires=[],
+    install_requires=["pyyaml>=6"],  # configs (megatron-bitpipe launch, sweep, recommend)
     extras_require={
         # psutil: megatron-core's checkpoint writer (a save without it hangs in a child process)
         "train": ["torch>=2.5", "megatron-core>=0.16.1,<0.20", "psutil"],

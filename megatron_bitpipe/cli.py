@@ -3,9 +3,14 @@
     megatron-bitpipe plan --schedule bitpipe --pp 4 --microbatches 8 --format csv
     megatron-bitpipe simulate --schedule all --pp 8 --microbatches 32 --vp 2
     megatron-bitpipe render --schedule bitpipe --pp 4 --microbatches 8 --out bitpipe.png
+    megatron-bitpipe recommend --model configs/models/paper-gpt.yaml \
+        --cluster configs/clusters/h100-8gpu-nodes.yaml --gpus 32
+    megatron-bitpipe sweep configs/sweeps/paper-gpt-32gpus.yaml
+    megatron-bitpipe launch configs/launch/paper-gpt-bitpipe-32gpus.yaml --slurm
 
 Each subcommand is a ``Command`` in ``COMMANDS``: a function that adds its arguments and one that
-runs it and returns the exit status. ``train``, ``sweep`` and ``bench`` join the same tuple.
+runs it and returns the exit status; ``launch``, ``sweep``, ``recommend`` and ``bench`` come from
+``megatron_bitpipe.scale.commands``.
 Bad settings print ``megatron-bitpipe: error: <message>`` to stderr and exit 2, as argparse
 does for its own errors; nothing here imports torch.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from megatron_bitpipe.outputs import prepare_output
+from megatron_bitpipe.scale.commands import COMMAND_SPECS
 from megatron_bitpipe.schedules import registry
 from megatron_bitpipe.schedules.errors import ScheduleConfigError, ScheduleError
 from megatron_bitpipe.schedules.ir import Schedule
@@ -59,11 +65,17 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    passes_unknown: bool = False
+    """Unknown arguments go to ``args.passthrough`` (bench hands them to the trainer)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not args.command.passes_unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.passthrough = unknown
     try:
         return args.command.run(args)
     except ValueError as error:  # ScheduleConfigError and ScheduleError are ValueErrors
@@ -548,4 +560,5 @@ COMMANDS: tuple[Command, ...] = (
         add_render_arguments,
         run_render,
     ),
+    *(Command(*spec) for spec in COMMAND_SPECS),
 )

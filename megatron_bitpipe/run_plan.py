@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_bitpipe.scale import rank_order
 from megatron_bitpipe.schedules import ScheduleConfigError, build, get, names
 from megatron_bitpipe.schedules.placement import Placement, looped
 
@@ -117,6 +118,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
     the other in one process group, each from the same initial weights and data.
     """
     check_ranges(args)
+    try:
+        rank_order.check_order(
+            getattr(args, "pipeline_rank_order", rank_order.CONSECUTIVE), args.pipeline_model_parallel_size
+        )
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
     schedules = [name.strip() for name in args.pipeline_schedule.split(",") if name.strip()]
     _require(bool(schedules), "--pipeline-schedule needs at least one schedule name")
     _require(

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from megatron_bitpipe.outputs import OutputError, prepare_output
 from megatron_bitpipe.run_plan import ArgumentsError, RunPlan, validate_args
+from megatron_bitpipe.scale import rank_order
 
 __all__ = ["ArgumentsError", "RunPlan", "build_parser", "main", "validate_args"]
 
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-schedule",
         default="1f1b",
         help="registry name, megatron-1f1b, megatron-interleaved or none; several: comma separated",
+    )
+    add(
+        "--pipeline-rank-order",
+        default="consecutive",
+        help="consecutive (megatron's), or replica-pairs: pipeline ranks r and D-1-r in adjacent "
+        "process slots (one node), as the official BitPipe code places them",
     )
     add("--num-layers", type=int, default=16)
     add("--hidden-size", type=int, default=32)
@@ -154,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_bitpipe.mcore import training
 
     _set_up_process_environment()
+    world_size = int(os.environ["WORLD_SIZE"])
+    pipeline_parallel = args.pipeline_model_parallel_size
+    rank_order.apply_to_environment(pipeline_parallel, world_size // pipeline_parallel, args.pipeline_rank_order)
     return training.run(args, plans)
 
 

@@ -114,6 +114,11 @@ LAYOUTS = {
         "bitpipe bitpipe-official chimera gpipe 1f1b interleaved-1f1b breadth-first zb-h1 "
         "v-min v-half v-zb megatron-interleaved",
     ),
+    "pp4-replica-pairs": (
+        4,
+        "--pipeline-model-parallel-size 4 --pipeline-rank-order replica-pairs",
+        "bitpipe chimera 1f1b",
+    ),
     "tp2-pp2-sequence-parallel": (
         4,
         "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel",
@@ -147,6 +152,8 @@ def test_every_schedule_trains_like_one_process(layout, references, tmp_path):
     log = launch(
         processes, [*arguments.split(), "--pipeline-schedule", ",".join(schedules), *outputs]
     )
+    if "replica-pairs" in arguments:
+        assert "run in process slots [0, 3, 2, 1]; launch rank of each global rank: [0, 3, 2, 1]" in log
     by_schedule = sections(log)
     assert list(by_schedule) == schedules
     for schedule in schedules:

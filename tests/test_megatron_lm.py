@@ -261,7 +261,11 @@ def reference() -> str:
 
 LAYOUTS = {
     "bitpipe-pp2": (2, "--pipeline-model-parallel-size 2 --pipeline-schedule bitpipe"),
-    "bitpipe-pp4": (4, "--pipeline-model-parallel-size 4 --pipeline-schedule bitpipe"),
+    "bitpipe-pp4-replica-pairs": (
+        4,
+        "--pipeline-model-parallel-size 4 --pipeline-schedule bitpipe "
+        "--pipeline-rank-order replica-pairs",
+    ),
     "v-half-pp4": (4, "--pipeline-model-parallel-size 4 --pipeline-schedule v-half"),
     "bitpipe-dp2-pp2": (4, "--pipeline-model-parallel-size 2 --pipeline-schedule bitpipe"),
     "bitpipe-tp2-pp2": (

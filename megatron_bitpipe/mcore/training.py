@@ -59,6 +59,7 @@ from megatron_bitpipe.runtime.channels import CommunicatorSetupError
 from megatron_bitpipe.runtime.deadline import Deadline, PhaseError
 from megatron_bitpipe.runtime.errors import P2PError
 from megatron_bitpipe.runtime.watchdog import exit_process
+from megatron_bitpipe.scale import rank_order
 from megatron_bitpipe.schedules.simulate import peak_activations
 
 
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace, plans: Sequence[RunPlan]) -> int:
         ):
             _init_distributed(args)
         configure_logging()
+        _log_rank_order(args)
         for plan in plans:
             tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
             if len(plans) > 1:
@@ -313,6 +315,18 @@ def _evaluate(session: _Session) -> float | None:
         f"lm loss PPL: {math.exp(min(20.0, value)):.6E} |"
     )
     return value
+
+
+def _log_rank_order(args: argparse.Namespace) -> None:
+    order = getattr(args, "pipeline_rank_order", rank_order.CONSECUTIVE)
+    if order != rank_order.CONSECUTIVE:
+        pp = args.pipeline_model_parallel_size
+        slots = [rank_order.slot_of(rank, pp, order) for rank in range(pp)]
+        launched = per_rank(int(os.environ.get(rank_order.LAUNCH_RANK_VARIABLE, dist.get_rank())))
+        log(
+            f"pipeline rank order {order}: pipeline ranks 0-{pp - 1} run in process slots {slots}; "
+            f"launch rank of each global rank: {launched}"
+        )
 
 
 def _init_distributed(args: argparse.Namespace) -> None:

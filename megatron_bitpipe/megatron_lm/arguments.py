@@ -19,6 +19,7 @@ from megatron_bitpipe.run_plan import (
     RunPlan,
     validate_args,
 )
+from megatron_bitpipe.scale import rank_order
 from megatron_bitpipe.schedules import get, names
 
 VIRTUAL_STAGES = "--num-virtual-stages-per-pipeline-rank"
@@ -43,7 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--max-inflight", type=int, default=None, help="bitpipe: activations in flight per direction"
     )
+    group.add_argument(
+        "--pipeline-rank-order",
+        default=rank_order.CONSECUTIVE,
+        help="consecutive, or replica-pairs: pipeline ranks r and D-1-r in adjacent process slots",
+    )
     return parser
+
+
+def pipeline_rank_order(argv: Sequence[str]) -> tuple[str, int]:
+    """``--pipeline-rank-order`` and ``--pipeline-model-parallel-size`` of a command line."""
+    known, _ = _preparser().parse_known_args(list(argv))
+    return known.pipeline_rank_order, known.pipeline_model_parallel_size
 
 
 def _preparser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from megatron_bitpipe.run_plan import ArgumentsError
+from megatron_bitpipe.scale import rank_order
 
 USAGE = (
     "usage: python -m megatron_bitpipe.megatron_lm /path/to/Megatron-LM/pretrain_gpt.py "
@@ -41,6 +42,9 @@ def enable(argv: Sequence[str] | None = None) -> list[str]:
     except (ArgumentsError, hooks.UnsupportedMegatronLM) as error:
         print(f"megatron_bitpipe: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    order, pipeline_parallel = arguments.pipeline_rank_order(given)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank_order.apply_to_environment(pipeline_parallel, world_size // pipeline_parallel, order)
     given = cpu.apply(given, megatron_schedule=not run.uses_registry)
     hooks.install(run, tied_embeddings="--untie-embeddings-and-output-weights" not in given)
     if argv is None:

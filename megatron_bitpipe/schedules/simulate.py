@@ -50,7 +50,9 @@ class Costs:
     ``input_grad``/``weight_grad`` default to half of ``backward`` each. ``stage_extra`` adds time
     to stages by position in their pipeline: ``{0: embedding_time, -1: head_and_loss_time}``.
     Messages cost ``latency + message_bytes / bandwidth``; a replica sync of one stage costs
-    ``sync_latency + 2 * stage_grad_bytes / sync_bandwidth`` (a 2-rank all-reduce).
+    ``sync_latency + 2 * stage_grad_bytes / sync_bandwidth`` (a 2-rank all-reduce). With
+    ``rank_nodes`` (the node of each rank), a message or sync between ranks of two nodes uses
+    ``inter_node_latency`` and ``inter_node_bandwidth`` instead.
     """
 
     forward: float = 1.0
@@ -64,6 +66,9 @@ class Costs:
     sync_latency: float = 0.0
     sync_bandwidth: float = math.inf
     stage_grad_bytes: int = 0
+    rank_nodes: tuple[int, ...] = ()
+    inter_node_latency: float = 0.0
+    inter_node_bandwidth: float = math.inf
 
     def duration(self, action: Action, position: int, stages_per_pipeline: int) -> float:
         """Duration of compute ``action`` on a stage at ``position`` of its pipeline."""
@@ -79,11 +84,24 @@ class Costs:
             base += forward_extra if action.kind is Kind.F else (backward_extra if action.kind in (Kind.B, Kind.I) else 0.0)
         return base
 
-    def message_time(self) -> float:
-        return self.latency + (self.message_bytes / self.bandwidth if self.message_bytes else 0.0)
+    def crosses_nodes(self, rank: int, other: int) -> bool:
+        return bool(self.rank_nodes) and self.rank_nodes[rank] != self.rank_nodes[other]
 
-    def sync_time(self) -> float:
-        return self.sync_latency + (2 * self.stage_grad_bytes / self.sync_bandwidth if self.stage_grad_bytes else 0.0)
+    def message_time(self, source: int = 0, target: int = 0) -> float:
+        """One activation (or gradient) message from rank ``source`` to rank ``target``."""
+        if self.crosses_nodes(source, target):
+            latency, bandwidth = self.inter_node_latency, self.inter_node_bandwidth
+        else:
+            latency, bandwidth = self.latency, self.bandwidth
+        return latency + (self.message_bytes / bandwidth if self.message_bytes else 0.0)
+
+    def sync_time(self, rank: int = 0, partner: int = 0) -> float:
+        """The replica all-reduce of one stage's gradients between ``rank`` and ``partner``."""
+        if self.crosses_nodes(rank, partner):
+            latency, bandwidth = self.inter_node_latency, self.inter_node_bandwidth
+        else:
+            latency, bandwidth = self.sync_latency, self.sync_bandwidth
+        return latency + (2 * self.stage_grad_bytes / bandwidth if self.stage_grad_bytes else 0.0)
 
 
 @dataclass(frozen=True)
@@ -191,7 +209,8 @@ def _run(schedule: Schedule, costs: Costs) -> list[Event]:
         for kind in (Kind.F, Kind.B, Kind.I, Kind.W)
         for stage in range(num_stages)
     }
-    message_time = costs.message_time()
+    num_ranks = len(programs)
+    message_time = [[costs.message_time(source, target) for target in range(num_ranks)] for source in range(num_ranks)]
     ready_at = [-1.0] * (num_stages * num_microbatches * 3)
     waiting: dict[int, list[int]] = defaultdict(list)
     cursor = [0] * len(programs)
@@ -221,7 +240,7 @@ def _run(schedule: Schedule, costs: Costs) -> list[Event]:
                     blocked = fact
                     break
                 if stage_rank[producer] != rank:
-                    at += message_time
+                    at += message_time[stage_rank[producer]][rank]
                 if at > start:
                     start = at
             if blocked is not None:
@@ -273,7 +292,7 @@ def _syncs(schedule: Schedule, events: list[Event], costs: Costs) -> list[Event]
         for stage in stages:
             other = partner_stage[placement.position(stage)]
             start = max(issue[(rank, stage)], issue[(partner, other)], channel[rank], channel[partner])
-            end = start + costs.sync_time()
+            end = start + costs.sync_time(rank, partner)
             channel[rank] = channel[partner] = end
             result.append(Event(rank, Action(stage, Kind.REDUCE_GRAD), start, end))
             if partner != rank:

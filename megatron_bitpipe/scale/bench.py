@@ -1,0 +1,91 @@
+"""Real runs on this machine: the trainer under torchrun, its step times and memory read back.
+
+``run_schedules`` starts ``python -m megatron_bitpipe.train`` once for several schedules (they run
+one after the other in one process group, same weights and data), with ``--measure-memory``, and
+returns per schedule the step times after the first (warm-up) iteration and each rank's peak
+activation memory. ``megatron-bitpipe bench`` and ``sweep --run-local`` use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+STEP = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
+PEAK = re.compile(r"peak activation memory per rank \(bytes\): \[(.*?)\]")
+SECTION = re.compile(r"^schedule (\S+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One schedule's real run: step times after warm-up (ms) and peak activation bytes per rank."""
+
+    schedule: str
+    step_ms: tuple[float, ...]
+    peak_activation_bytes: tuple[int, ...]
+    tokens_per_step: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / (self.median_ms / 1e3)
+
+    def figures(self) -> dict[str, str]:
+        return {
+            "step_ms_median": f"{self.median_ms:.1f}",
+            "step_ms_min": f"{min(self.step_ms):.1f}",
+            "step_ms_max": f"{max(self.step_ms):.1f}",
+            "tokens_per_s": f"{self.tokens_per_s:.1f}",
+            "peak_activation_bytes": str(max(self.peak_activation_bytes)),
+        }
+
+
+class BenchError(RuntimeError):
+    """A run that failed: its exit status and the end of its output."""
+
+
+def trainer_command(processes: int, schedules: Sequence[str], arguments: Sequence[str]) -> list[str]:
+    """torchrun (or one process) running the trainer on ``schedules`` with ``arguments``."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return [*launcher, "-m", "megatron_bitpipe.train", *arguments,
+            "--pipeline-schedule", ",".join(schedules), "--measure-memory"]
+
+
+def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[str], tokens_per_step: int,
+                  *, timeout: float = 1800) -> dict[str, Measured]:
+    """Run the trainer once for ``schedules``; raise BenchError when it fails."""
+    command = trainer_command(processes, schedules, arguments)
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(command)} exited {result.returncode}: {log[-2000:]}")
+    return parse(log, schedules, tokens_per_step)
+
+
+def parse(log: str, schedules: Sequence[str], tokens_per_step: int) -> dict[str, Measured]:
+    """Per schedule of a trainer log: step times after the first iteration, peak memory."""
+    parts = SECTION.split(log)
+    sections = dict(zip(parts[1::2], parts[2::2])) if len(schedules) > 1 else {schedules[0]: log}
+    measured = {}
+    for schedule in schedules:
+        text = sections.get(schedule, "")
+        steps = [float(value) for value in STEP.findall(text)]
+        peak = PEAK.search(text)
+        if len(steps) < 2 or peak is None:
+            raise BenchError(f"{schedule}: the log has {len(steps)} iterations and "
+                             f"{'a' if peak else 'no'} memory line; give --train-iters >= 2")
+        peaks = tuple(int(value) for value in peak.group(1).split(",") if value.strip() not in ("", "None"))
+        measured[schedule] = Measured(schedule, tuple(steps[1:]), peaks or (0,), tokens_per_step)
+    return measured
