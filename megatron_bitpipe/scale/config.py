@@ -433,4 +433,4 @@ def _field_docs(kind: type) -> dict[str, str]:
 
 
 FIELD_DOCS = {kind: _field_docs(kind) for kind in (ModelConfig, ClusterConfig, Layout, LaunchConfig, SweepConfig)}
-"""Field docstrings by config class, for messages and ``megatron-bitpipe config --describe``."""
+"""Field docstrings by config class, for error messages and the tests that every field has one."""
