@@ -93,6 +93,15 @@ def test_sweep_launch_settings_are_checked_against_the_launch_config(tmp_path):
         config.load_sweep(path)
 
 
+def test_a_gpu_kind_stands_in_for_measured_costs(tmp_path):
+    path = write(tmp_path, "c.yaml", "name: c\ngpus_per_node: 8\ngpu_memory_gib: 131\nintra_node_gbps: 300\n"
+                                     "inter_node_gbps: 45\ngpu: h200\n")
+    cluster = config.load_cluster(path)
+    assert cluster.layer_costs == str(CONFIGS / "h100_layer_costs.json") and cluster.achieved_tflops is None
+    with pytest.raises(ConfigError, match="gpu: 'tpu' must be one of h100, h200, a100, cpu"):
+        config.load_cluster(write(tmp_path, "d.yaml", path.read_text().replace("h200", "tpu")))
+
+
 def test_cli_prints_a_config_error_as_one_line_with_exit_2(tmp_path, capsys):
     path = write(tmp_path, "model.yaml", model_yaml(hidden_size="big"))
     cluster = CONFIGS / "clusters" / "h100-8gpu-nodes.yaml"
@@ -163,6 +172,13 @@ def test_bitpipe_holds_both_replicas_about_twice_the_parameters_of_1f1b(paper):
     assert 1.85 < bitpipe.state_bytes / one_f_one_b.state_bytes <= 2.0  # one embedding, two replicas of layers
 
 
+def test_a_fixed_cost_per_action_is_charged_to_every_action(paper):
+    model, cluster = paper
+    plain = cost_model.predict(model, cluster, Layout("1f1b", 8, 1, 4), 32)
+    slow = cost_model.predict(model, replace(cluster, action_overhead_ms=1.0), Layout("1f1b", 8, 1, 4), 32)
+    assert slow.compute_ms - plain.compute_ms == pytest.approx(2 * 32)  # 32 F and 32 B on the busiest rank
+
+
 def test_invalid_layouts_keep_the_registry_reason(paper):
     model, cluster = paper
     assert "bitpipe" in (cost_model.predict(model, cluster, Layout("bitpipe", 3, 1, 1), 6).invalid or "")
@@ -229,6 +245,21 @@ def test_recommend_answers_for_the_paper_gpt_on_32_gpus(paper, capsys):
     assert any(recommend.why_slower(p, winner).startswith("does not fit") for p in found.left_out if p.invalid is None)
 
 
+def test_recommends_winner_written_as_a_launch_config_becomes_a_slurm_job(tmp_path, capsys):
+    models, clusters = CONFIGS / "models", CONFIGS / "clusters"
+    winner = tmp_path / "winner.yaml"
+    assert cli.main(["recommend", "--model", str(models / "gpt3-1.3b.yaml"), "--cluster",
+                     str(clusters / "h100-8gpu-nodes.yaml"), "--gpus", "4", "--write-launch", str(winner)]) == 0
+    best = recommend.recommend(config.load_model(models / "gpt3-1.3b.yaml"),
+                               config.load_cluster(clusters / "h100-8gpu-nodes.yaml"), 4).winner
+    launch = config.load_launch(winner)
+    assert launch.layout() == best.layout and launch.node_gpus == 4 and launch.nodes == 1
+    capsys.readouterr()
+    assert cli.main(["launch", str(winner), "--print"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=4" in script and f"--pipeline-schedule {best.layout.schedule}" in script
+
+
 def test_recommend_picks_replica_pairs_for_bitpipe_across_nodes(paper):
     found = recommend.recommend(*paper, 32)
     best_bitpipe = next(p for p in found.ranked if p.layout.schedule == "bitpipe")
@@ -275,6 +306,37 @@ def test_launch_print_writes_nothing_and_slurm_writes_the_script(tmp_path, capsy
     assert "-m megatron_bitpipe.train" in printed
     assert cli.main(["launch", str(path), "--slurm", "--out", "job.sbatch"]) == 0
     assert (tmp_path / "job.sbatch").read_text() == printed
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch) -> Path:
+    """An ``sbatch`` on PATH that records the scripts it is given."""
+    folder = tmp_path / "bin"
+    record = tmp_path / "submitted.txt"
+    write(folder, "sbatch", f"#!/bin/sh\necho \"$1\" >> {record}\necho Submitted batch job 42\n").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return record
+
+
+def test_launch_and_sweep_submit_hand_each_script_to_sbatch(tmp_path, fake_sbatch, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["launch", str(launch_file(tmp_path)), "--slurm", "--submit"]) == 0
+    sweep_file = write(tmp_path, "s.yaml", f"model: {CONFIGS}/models/paper-gpt.yaml\n"
+                       f"cluster: {CONFIGS}/clusters/h100-8gpu-nodes.yaml\nschedules: [1f1b, bitpipe]\n"
+                       "pipeline_parallel: [8]\ndata_parallel: [4]\nmicrobatches: [16]\n")
+    assert cli.main(["sweep", str(sweep_file), "--out", "o", "--submit"]) == 0
+    submitted = fake_sbatch.read_text().split()
+    jobs = sorted(str(path.relative_to(tmp_path)) for path in (tmp_path / "o" / "jobs").glob("*.sbatch"))
+    assert submitted[0].startswith("jobs/megatron-bitpipe-paper-gpt-bitpipe") and sorted(submitted[1:]) == jobs
+    assert len(jobs) == 2
+
+
+def test_submit_without_sbatch_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cli.main(["launch", str(launch_file(tmp_path)), "--slurm", "--submit"]) == 2
+    assert "--submit needs Slurm's sbatch on PATH" in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
 
 
 def test_a_launch_whose_gpus_do_not_fill_the_pipeline_is_refused(tmp_path):

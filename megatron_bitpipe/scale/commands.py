@@ -153,6 +153,8 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", required=True, help="a cluster config (configs/clusters/*.yaml)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs to use")
     parser.add_argument("--top", type=int, default=8, help="runners-up to show")
+    parser.add_argument("--write-launch", metavar="FILE",
+                        help="write the winner as a launch config (then: megatron-bitpipe launch FILE --slurm)")
 
 
 def run_recommend(args: argparse.Namespace) -> int:
@@ -184,19 +186,29 @@ def run_recommend(args: argparse.Namespace) -> int:
         print(f"      (fastest that does not fit: {closest.layout.label()}, "
               f"{recommend.why_slower(closest, winner)})")
     launch = recommend.launch_for(winner, model, cluster)
-    print("\nlaunch it: save this as winner.yaml, then `megatron-bitpipe launch winner.yaml --slurm`")
-    print(_launch_yaml(args.model, args.cluster, launch), end="")
+    text = _launch_yaml(args.model, args.cluster, launch)
+    if args.write_launch:
+        path = Path(args.write_launch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"\nwrote {path}: launch it with `megatron-bitpipe launch {path} --slurm`")
+    else:
+        print("\nlaunch it: save this as winner.yaml (or give --write-launch), then "
+              "`megatron-bitpipe launch winner.yaml --slurm`")
+        print(text, end="")
     print("\nor on each node (torchrun; the rendezvous on the first node):")
     command = slurm.training_command(launch)
     torchrun = [command[0], "-m", "torch.distributed.run", f"--nnodes={launch.nodes}",
-                f"--nproc-per-node={launch.cluster.gpus_per_node}", "--rdzv-backend=c10d",
+                f"--nproc-per-node={launch.node_gpus}", "--rdzv-backend=c10d",
                 "--rdzv-endpoint=$MASTER_ADDR:29500", *command[1:]]
     print("  " + " ".join(torchrun))
     return 0
 
 
 def _launch_yaml(model_path: str, cluster_path: str, launch: config.LaunchConfig) -> str:
-    lines = [f"model: {os.path.abspath(model_path)}", f"cluster: {os.path.abspath(cluster_path)}",
+    """A launch config file for ``launch`` (model and cluster by absolute path)."""
+    lines = [f"# megatron-bitpipe recommend's winner: {launch.layout().label()}",
+             f"model: {os.path.abspath(model_path)}", f"cluster: {os.path.abspath(cluster_path)}",
              f"schedule: {launch.schedule}", f"pipeline_parallel: {launch.pipeline_parallel}",
              f"nodes: {launch.nodes}"]
     if launch.tensor_parallel > 1:
@@ -205,7 +217,9 @@ def _launch_yaml(model_path: str, cluster_path: str, launch: config.LaunchConfig
         lines.append(f"virtual_stages: {launch.virtual_stages}")
     if launch.pipeline_rank_order != "consecutive":
         lines.append(f"pipeline_rank_order: {launch.pipeline_rank_order}")
-    return "".join(f"  {line}\n" for line in lines)
+    if launch.node_gpus != launch.cluster.gpus_per_node:
+        lines.append(f"gpus_per_node: {launch.node_gpus}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,13 @@ from typing import Any, TypeVar
 PRECISIONS = ("bf16", "fp16", "fp32")
 LAUNCHERS = ("megatron-lm", "trainer")
 RANK_ORDERS = ("consecutive", "replica-pairs")
+CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+"""The repository's configs folder (measured cost files of the GPU kinds)."""
+
+
+GPU_KINDS = {"h100": ("h100_layer_costs.json", None), "h200": ("h100_layer_costs.json", None),
+             "a100": (None, 110.0), "cpu": (None, 0.12)}
+"""GPU kind: (measured layer file in configs/, or a sustained TFLOP/s). The H200 has the H100's chip."""
 
 
 class ConfigError(ValueError):
@@ -100,6 +107,12 @@ class ClusterConfig:
     """Measured per-layer costs (JSON like configs/h100_layer_costs.json), relative to this file."""
     achieved_tflops: float | None = None
     """Sustained dense TFLOP/s of one GPU, for models with no measured row (FLOP-count costs)."""
+    gpu: str | None = None
+    """A GPU kind (h100, h200, a100, cpu) whose costs apply when layer_costs and achieved_tflops
+    are both left out: the H100 measured file for h100 and h200, a sustained rate for the others."""
+    action_overhead_ms: float = 0.0
+    """Host time added to every forward and backward action (framework, kernel launches, p2p
+    bookkeeping): negligible for large layers, most of the step for tiny CPU models."""
     memory_headroom: float = 0.9
     """Share of gpu_memory_gib a layout may use (the rest: allocator, workspace, NCCL)."""
     input_grad_ratio: float = 1.06
@@ -111,8 +124,11 @@ class ClusterConfig:
     def rules(self) -> list[tuple[str, str]]:
         broken = _positive(self, "gpus_per_node", "gpu_memory_gib", "intra_node_gbps", "inter_node_gbps")
         broken += _non_negative(self, "intra_node_latency_us", "inter_node_latency_us")
-        if self.layer_costs is None and self.achieved_tflops is None:
-            broken.append(("layer_costs", "give layer_costs (a measured file) or achieved_tflops"))
+        if self.layer_costs is None and self.achieved_tflops is None and self.gpu is None:
+            broken.append(("layer_costs", "give layer_costs (a measured file), achieved_tflops or gpu"))
+        if self.gpu is not None and self.gpu not in GPU_KINDS:
+            broken.append(("gpu", f"{self.gpu!r} must be one of {', '.join(GPU_KINDS)}"))
+        broken += _non_negative(self, "action_overhead_ms")
         if self.achieved_tflops is not None and not (0 < self.achieved_tflops < math.inf):
             broken.append(("achieved_tflops", f"{self.achieved_tflops} must be positive and finite"))
         broken += _positive(self, "input_grad_ratio", "weight_grad_ratio")
@@ -173,6 +189,8 @@ class LaunchConfig:
     """Pipeline ranks D."""
     nodes: int = 1
     """Nodes of the job (sbatch --nodes); with gpus_per_node they give the world size."""
+    gpus_per_node: int | None = None
+    """GPUs used on each node (torchrun --nproc-per-node); the cluster's when left out."""
     tensor_parallel: int = 1
     """Tensor-parallel ranks."""
     virtual_stages: int | None = None
@@ -212,6 +230,9 @@ class LaunchConfig:
 
     def rules(self) -> list[tuple[str, str]]:
         broken = _positive(self, "pipeline_parallel", "nodes", "tensor_parallel", "train_iters")
+        if self.gpus_per_node is not None and not 0 < self.gpus_per_node <= self.cluster.gpus_per_node:
+            broken.append(("gpus_per_node", f"{self.gpus_per_node} must be in 1..{self.cluster.gpus_per_node} "
+                                            f"(the cluster's GPUs per node)"))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             broken.append(("lr", f"{self.lr} must be positive and finite"))
         if self.launcher not in LAUNCHERS:
@@ -222,9 +243,9 @@ class LaunchConfig:
             broken.append(("save_interval", f"{self.save_interval} must be positive"))
         if broken:
             return broken
-        world = self.nodes * self.cluster.gpus_per_node
+        world = self.nodes * self.node_gpus
         if world % (self.pipeline_parallel * self.tensor_parallel):
-            broken.append(("pipeline_parallel", f"{self.nodes} nodes x {self.cluster.gpus_per_node} GPUs = {world} "
+            broken.append(("pipeline_parallel", f"{self.nodes} nodes x {self.node_gpus} GPUs = {world} "
                                                 f"must be a multiple of pipeline_parallel x tensor_parallel = "
                                                 f"{self.pipeline_parallel * self.tensor_parallel}"))
         elif self.model.global_batch_size % (self.model.micro_batch_size * self.data_parallel):
@@ -233,8 +254,13 @@ class LaunchConfig:
         return broken
 
     @property
+    def node_gpus(self) -> int:
+        """GPUs (processes) per node."""
+        return self.gpus_per_node or self.cluster.gpus_per_node
+
+    @property
     def data_parallel(self) -> int:
-        return self.nodes * self.cluster.gpus_per_node // (self.pipeline_parallel * self.tensor_parallel)
+        return self.nodes * self.node_gpus // (self.pipeline_parallel * self.tensor_parallel)
 
     def layout(self) -> Layout:
         return Layout(self.schedule, self.pipeline_parallel, self.tensor_parallel, self.data_parallel,
@@ -290,7 +316,7 @@ class SweepConfig:
 
 
 LAYOUT_KEYS = {"model", "cluster", "schedule", "pipeline_parallel", "tensor_parallel", "virtual_stages",
-               "max_inflight", "pipeline_rank_order"}
+               "max_inflight", "pipeline_rank_order", "nodes", "gpus_per_node"}
 """LaunchConfig keys a sweep point sets itself."""
 Config = TypeVar("Config")
 NESTED = {ModelConfig: "models", ClusterConfig: "clusters"}
@@ -328,7 +354,10 @@ def load(path: str | Path, kind: type[Config]) -> Config:
         line = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(f"{path}: not valid YAML{line}: {getattr(error, 'problem', error)}") from None
     config = from_mapping(data, kind, path)
-    if isinstance(config, ClusterConfig) and config.layer_costs is not None:
+    if isinstance(config, ClusterConfig) and config.layer_costs is None and config.achieved_tflops is None:
+        measured, rate = GPU_KINDS[config.gpu or ""]
+        config = replace(config, layer_costs=str(CONFIGS / measured) if measured else None, achieved_tflops=rate)
+    elif isinstance(config, ClusterConfig) and config.layer_costs is not None:
         costs = path.parent / config.layer_costs
         if not costs.is_file():
             raise ConfigError(f"{path}: layer_costs: {costs} is not a file")

@@ -4,7 +4,8 @@ Compute costs come from the cluster's measured per-layer file when it has the mo
 (hidden, heads, seq, micro-batch), else from FLOP counts at the nearest row's achieved rate (or
 the cluster's ``achieved_tflops``). Tensor parallelism divides a layer's compute by TP and adds
 two all-reduces of the layer's output per forward and two per backward, on NVLink. A backward
-split into I and W costs the cluster's measured ratios of a whole backward. Pipeline
+split into I and W costs the cluster's measured ratios of a whole backward, and every action
+pays the cluster's fixed ``action_overhead_ms``. Pipeline
 messages and replica syncs use the links between the nodes their ranks run on (``rank_order``).
 The data-parallel all-reduce overlaps the backward except for the last chunk's gradients; the
 optimizer step streams each parameter's state once through HBM. Memory is weights, gradients and
@@ -26,7 +27,7 @@ from megatron_bitpipe.scale.config import ClusterConfig, Layout, ModelConfig
 from megatron_bitpipe.scale.rank_order import slot_of
 from megatron_bitpipe.schedules import lower, registry
 from megatron_bitpipe.schedules.ir import Schedule
-from megatron_bitpipe.schedules.simulate import Costs, ModelDims, SimResult, simulate
+from megatron_bitpipe.schedules.simulate import Costs, ModelDims, simulate
 
 GIB = 2**30
 GRAD_BYTES = 4
@@ -68,7 +69,6 @@ class Prediction:
     activation_bytes: int = 0
     state_bytes: int = 0
     invalid: str | None = None
-    result: SimResult | None = None
 
     @property
     def global_batch_size(self) -> int:
@@ -119,7 +119,7 @@ def layer_costs(model: ModelConfig, cluster: ClusterConfig) -> LayerCosts:
 
 
 def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbatches: int,
-            *, costs: LayerCosts | None = None, keep_result: bool = False) -> Prediction:
+            *, costs: LayerCosts | None = None) -> Prediction:
     """Simulate ``layout`` of ``model`` on ``cluster`` with ``microbatches`` per step."""
     invalid = check_layout(model, cluster, layout)
     if invalid:
@@ -157,7 +157,6 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbat
         peak_memory_bytes=state + activations + logits,
         activation_bytes=activations,
         state_bytes=state,
-        result=result if keep_result else None,
     )
 
 
@@ -191,11 +190,12 @@ def stage_costs(model: ModelConfig, cluster: ClusterConfig, layout: Layout, sche
         slot_of(rank, layout.pipeline_parallel, layout.pipeline_rank_order) * ranks_per_slot // cluster.gpus_per_node
         for rank in range(layout.pipeline_parallel)
     )
+    overhead = cluster.action_overhead_ms
     return Costs(
-        forward=layers * (costs.forward_ms / tp + tp_ms),
-        backward=layers * (costs.backward_ms / tp + tp_ms),
-        input_grad=layers * (costs.backward_ms * cluster.input_grad_ratio / tp + tp_ms),
-        weight_grad=layers * costs.backward_ms * cluster.weight_grad_ratio / tp,
+        forward=overhead + layers * (costs.forward_ms / tp + tp_ms),
+        backward=overhead + layers * (costs.backward_ms / tp + tp_ms),
+        input_grad=overhead + layers * (costs.backward_ms * cluster.input_grad_ratio / tp + tp_ms),
+        weight_grad=overhead + layers * costs.backward_ms * cluster.weight_grad_ratio / tp,
         stage_extra={0: (costs.embedding_forward_ms, 0.0), -1: (costs.head_forward_ms / tp, costs.head_backward_ms / tp)},
         latency=cluster.intra_node_latency_us / 1e3,
         bandwidth=cluster.intra_node_gbps * 1e6,

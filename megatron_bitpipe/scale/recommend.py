@@ -9,7 +9,7 @@ more communication, more compute per GPU, a slower optimizer step, or memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from megatron_bitpipe.scale.config import ClusterConfig, LaunchConfig, Layout, ModelConfig
 from megatron_bitpipe.scale.cost_model import GIB, Prediction, layer_costs, predict
@@ -92,11 +92,10 @@ def why_slower(prediction: Prediction, winner: Prediction) -> str:
 def launch_for(prediction: Prediction, model: ModelConfig, cluster: ClusterConfig) -> LaunchConfig:
     """A launch config for a prediction (whole nodes, or one node's share)."""
     layout, gpus = prediction.layout, cluster.gpus_per_node
-    if layout.world_size < gpus:
-        cluster = replace(cluster, gpus_per_node=layout.world_size)
     return LaunchConfig(
         model=model, cluster=cluster, schedule=layout.schedule, pipeline_parallel=layout.pipeline_parallel,
-        nodes=max(1, layout.world_size // cluster.gpus_per_node), tensor_parallel=layout.tensor_parallel,
+        nodes=max(1, layout.world_size // gpus), gpus_per_node=min(gpus, layout.world_size),
+        tensor_parallel=layout.tensor_parallel,
         virtual_stages=layout.virtual_stages, max_inflight=layout.max_inflight,
         pipeline_rank_order=layout.pipeline_rank_order,
     )

@@ -9,6 +9,7 @@ one process per GPU and meets the other nodes at a c10d rendezvous on the job's 
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from typing import Sequence
@@ -79,13 +80,14 @@ def training_command(launch: LaunchConfig) -> list[str]:
 
 
 def nproc_per_node(launch: LaunchConfig) -> int:
-    return launch.cluster.gpus_per_node
+    return launch.node_gpus
 
 
 def local_command(launch: LaunchConfig) -> list[str]:
     """``torchrun --standalone`` on this machine (this Python) with the job's processes and arguments."""
     processes = launch.nodes * nproc_per_node(launch)
     _, *rest = training_command(launch)
+    rest = [os.path.expandvars(word) for word in rest]  # $MEGATRON_LM_PATH, as the job's shell would
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *rest]
 
 
@@ -112,7 +114,7 @@ def sbatch_script(launch: LaunchConfig, source: str = "") -> str:
     lines = ["#!/bin/bash", *(f"#SBATCH {directive}" for directive in directives)]
     lines += [
         f"# Written by megatron-bitpipe launch{' ' + source if source else ''}.",
-        f"# Model {launch.model.name} on {launch.nodes} x {launch.cluster.gpus_per_node} GPUs "
+        f"# Model {launch.model.name} on {launch.nodes} x {launch.node_gpus} GPUs "
         f"({launch.cluster.name}): {layout.label()}, world size {layout.world_size}.",
         "set -euo pipefail",
         f"mkdir -p {shlex.quote(launch.log_dir)}",

@@ -133,6 +133,7 @@ def plot(out: Path, predictions: Sequence[Prediction], title: str) -> list[Path]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fitting = [p for p in predictions if p.fits]
     pps = sorted({p.layout.pipeline_parallel for p in fitting}) or [0]
@@ -158,7 +159,7 @@ def plot(out: Path, predictions: Sequence[Prediction], title: str) -> list[Path]
     figure.savefig(throughput, dpi=110)
     plt.close(figure)
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(7.5, 4))
     valid = [p for p in predictions if p.invalid is None]
     for schedule in schedules:
         peak: dict[int, float] = {}
@@ -171,11 +172,14 @@ def plot(out: Path, predictions: Sequence[Prediction], title: str) -> list[Path]
             axis.plot(xs, [peak[x] for x in xs], marker="o", label=schedule)
     if valid:
         axis.axhline(valid[0].memory_limit_bytes / GIB, color="grey", linestyle="--", label="usable memory")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sorted({p.layout.pipeline_parallel for p in valid}) or [1])
+    axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axis.set_xlabel("pipeline-parallel size")
     axis.set_ylabel("peak memory per GPU, GiB (estimate)")
     axis.set_title(f"{title}: memory")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     memory = out / "memory.png"
     figure.savefig(memory, dpi=110)
@@ -190,14 +194,13 @@ def launch_config(sweep: SweepConfig, point: Point) -> LaunchConfig:
                     * layout.data_parallel)
     if layout.world_size % gpus and layout.world_size > gpus:
         raise ValueError(f"{point.label()}: world size {layout.world_size} is not whole nodes of {gpus} GPUs")
-    cluster = sweep.cluster if layout.world_size >= gpus else replace(sweep.cluster, gpus_per_node=layout.world_size)
-    settings = {key: value for key, value in sweep.launch.items()}
-    settings.pop("nodes", None)
+    settings = dict(sweep.launch)
     settings["extra_args"] = tuple(settings.get("extra_args", ()))
     settings.setdefault("job_name", f"megatron-bitpipe-{sweep.model.name}-{point.label()}")
     return LaunchConfig(
-        model=model, cluster=cluster, schedule=layout.schedule, pipeline_parallel=layout.pipeline_parallel,
-        nodes=max(1, layout.world_size // gpus), tensor_parallel=layout.tensor_parallel,
+        model=model, cluster=sweep.cluster, schedule=layout.schedule, pipeline_parallel=layout.pipeline_parallel,
+        nodes=max(1, layout.world_size // gpus), gpus_per_node=min(gpus, layout.world_size),
+        tensor_parallel=layout.tensor_parallel,
         virtual_stages=layout.virtual_stages, max_inflight=layout.max_inflight,
         pipeline_rank_order=layout.pipeline_rank_order, **settings,
     )
