@@ -13,7 +13,13 @@ setup(
     install_requires=["pyyaml>=6"],  # configs (megatron-bitpipe launch, sweep, recommend)
     extras_require={
         # psutil: megatron-core's checkpoint writer (a save without it hangs in a child process)
-        "train": ["torch>=2.5", "megatron-core>=0.16.1,<0.20", "psutil"],
+        # triton: megatron-core 0.17+ (Python 3.12+) imports it even on a CPU
+        "train": [
+            "torch>=2.5",
+            "megatron-core>=0.16.1,<0.20",
+            "psutil",
+            "triton; python_version >= '3.12' and platform_system == 'Linux'",
+        ],
         "viz": ["matplotlib>=3.7"],
         # what Megatron-LM's megatron/training imports beyond megatron-core (notes: megatron_lm.md)
         "megatron-lm": ["six", "regex", "pyyaml", "pydantic"],

@@ -185,7 +185,8 @@ def test_megatron_lms_own_extra_args_provider_still_runs():
 def test_hooks_refuse_megatron_core_releases_they_were_not_checked_against(monkeypatch):
     from megatron_bitpipe.mcore import compat
 
-    hooks.check_version()  # the installed 0.16.1
+    monkeypatch.setattr(compat, "version", lambda: (0, 16, 1))
+    hooks.check_version()
     monkeypatch.setattr(compat, "version", lambda: (0, 19, 2))
     with pytest.raises(hooks.UnsupportedMegatronLM, match="megatron-core 0.19.2: .* core_v0.16.x"):
         hooks.check_version()

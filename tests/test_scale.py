@@ -172,11 +172,13 @@ def test_bitpipe_holds_both_replicas_about_twice_the_parameters_of_1f1b(paper):
     assert 1.85 < bitpipe.state_bytes / one_f_one_b.state_bytes <= 2.0  # one embedding, two replicas of layers
 
 
-def test_a_fixed_cost_per_action_is_charged_to_every_action(paper):
+def test_fixed_costs_per_action_and_per_layer_are_charged_to_every_action(paper):
     model, cluster = paper
     plain = cost_model.predict(model, cluster, Layout("1f1b", 8, 1, 4), 32)
-    slow = cost_model.predict(model, replace(cluster, action_overhead_ms=1.0), Layout("1f1b", 8, 1, 4), 32)
-    assert slow.compute_ms - plain.compute_ms == pytest.approx(2 * 32)  # 32 F and 32 B on the busiest rank
+    slow = cost_model.predict(model, replace(cluster, action_overhead_ms=1.0, layer_overhead_ms=0.5),
+                              Layout("1f1b", 8, 1, 4), 32)
+    per_action = 1.0 + 12 * 0.5  # 96 layers over 8 stages
+    assert slow.compute_ms - plain.compute_ms == pytest.approx(2 * 32 * per_action)  # 32 F, 32 B
 
 
 def test_invalid_layouts_keep_the_registry_reason(paper):

@@ -111,8 +111,10 @@ class ClusterConfig:
     """A GPU kind (h100, h200, a100, cpu) whose costs apply when layer_costs and achieved_tflops
     are both left out: the H100 measured file for h100 and h200, a sustained rate for the others."""
     action_overhead_ms: float = 0.0
-    """Host time added to every forward and backward action (framework, kernel launches, p2p
-    bookkeeping): negligible for large layers, most of the step for tiny CPU models."""
+    """Host time added to every F, B, I and W action (framework, p2p bookkeeping): negligible for
+    large layers, most of the step for tiny CPU models."""
+    layer_overhead_ms: float = 0.0
+    """Host time added per layer to every action (per-module framework cost), likewise."""
     memory_headroom: float = 0.9
     """Share of gpu_memory_gib a layout may use (the rest: allocator, workspace, NCCL)."""
     input_grad_ratio: float = 1.06
@@ -128,7 +130,7 @@ class ClusterConfig:
             broken.append(("layer_costs", "give layer_costs (a measured file), achieved_tflops or gpu"))
         if self.gpu is not None and self.gpu not in GPU_KINDS:
             broken.append(("gpu", f"{self.gpu!r} must be one of {', '.join(GPU_KINDS)}"))
-        broken += _non_negative(self, "action_overhead_ms")
+        broken += _non_negative(self, "action_overhead_ms", "layer_overhead_ms")
         if self.achieved_tflops is not None and not (0 < self.achieved_tflops < math.inf):
             broken.append(("achieved_tflops", f"{self.achieved_tflops} must be positive and finite"))
         broken += _positive(self, "input_grad_ratio", "weight_grad_ratio")

@@ -5,7 +5,7 @@ Compute costs come from the cluster's measured per-layer file when it has the mo
 the cluster's ``achieved_tflops``). Tensor parallelism divides a layer's compute by TP and adds
 two all-reduces of the layer's output per forward and two per backward, on NVLink. A backward
 split into I and W costs the cluster's measured ratios of a whole backward, and every action
-pays the cluster's fixed ``action_overhead_ms``. Pipeline
+pays the cluster's fixed ``action_overhead_ms`` plus ``layer_overhead_ms`` per layer. Pipeline
 messages and replica syncs use the links between the nodes their ranks run on (``rank_order``).
 The data-parallel all-reduce overlaps the backward except for the last chunk's gradients; the
 optimizer step streams each parameter's state once through HBM. Memory is weights, gradients and
@@ -190,7 +190,7 @@ def stage_costs(model: ModelConfig, cluster: ClusterConfig, layout: Layout, sche
         slot_of(rank, layout.pipeline_parallel, layout.pipeline_rank_order) * ranks_per_slot // cluster.gpus_per_node
         for rank in range(layout.pipeline_parallel)
     )
-    overhead = cluster.action_overhead_ms
+    overhead = cluster.action_overhead_ms + layers * cluster.layer_overhead_ms
     return Costs(
         forward=overhead + layers * (costs.forward_ms / tp + tp_ms),
         backward=overhead + layers * (costs.backward_ms / tp + tp_ms),
