@@ -81,12 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # ScheduleConfigError and ScheduleError are ValueErrors
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as error:  # an output that cannot be written: the path and the reason
-        print(f"{PROG}: error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as the docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+    except OSError as error:  # an output that cannot be written: the path and the reason
+        print(f"{PROG}: error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 class _Parser(argparse.ArgumentParser):

@@ -97,7 +97,7 @@ def test_a_gpu_kind_stands_in_for_measured_costs(tmp_path):
     path = write(tmp_path, "c.yaml", "name: c\ngpus_per_node: 8\ngpu_memory_gib: 131\nintra_node_gbps: 300\n"
                                      "inter_node_gbps: 45\ngpu: h200\n")
     cluster = config.load_cluster(path)
-    assert cluster.layer_costs == str(CONFIGS / "h100_layer_costs.json") and cluster.achieved_tflops is None
+    assert cluster.layer_costs == str(CONFIGS / "h200_layer_costs.json") and cluster.achieved_tflops is None
     with pytest.raises(ConfigError, match="gpu: 'tpu' must be one of h100, h200, a100, cpu"):
         config.load_cluster(write(tmp_path, "d.yaml", path.read_text().replace("h200", "tpu")))
 
@@ -391,3 +391,10 @@ def test_bench_and_sweep_run_local_measure_real_runs(tmp_path):
     assert "run-local [1/1] 1f1b,chimera-pp2-n4: 2 processes" in printed
     rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
     assert all(float(row["measured_step_ms"]) > 0 and float(row["step_ms"]) > 0 for row in rows)
+
+
+def test_output_cut_short_by_the_reader_ends_quietly():
+    command = (f"{shlex.quote(sys.executable)} -m megatron_bitpipe recommend --model {CONFIGS}/models/paper-gpt.yaml "
+               f"--cluster {CONFIGS}/clusters/h100-8gpu-nodes.yaml --gpus 32 | head -1")
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("recommend: paper-gpt on 32 GPUs") and result.stderr == ""

@@ -26,9 +26,9 @@ CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
 """The repository's configs folder (measured cost files of the GPU kinds)."""
 
 
-GPU_KINDS = {"h100": ("h100_layer_costs.json", None), "h200": ("h100_layer_costs.json", None),
+GPU_KINDS = {"h100": ("h100_layer_costs.json", None), "h200": ("h200_layer_costs.json", None),
              "a100": (None, 110.0), "cpu": (None, 0.12)}
-"""GPU kind: (measured layer file in configs/, or a sustained TFLOP/s). The H200 has the H100's chip."""
+"""GPU kind: (measured layer file in configs/, or a sustained TFLOP/s)."""
 
 
 class ConfigError(ValueError):
@@ -109,7 +109,7 @@ class ClusterConfig:
     """Sustained dense TFLOP/s of one GPU, for models with no measured row (FLOP-count costs)."""
     gpu: str | None = None
     """A GPU kind (h100, h200, a100, cpu) whose costs apply when layer_costs and achieved_tflops
-    are both left out: the H100 measured file for h100 and h200, a sustained rate for the others."""
+    are both left out: the measured file of h100 and h200, a sustained rate for the others."""
     action_overhead_ms: float = 0.0
     """Host time added to every F, B, I and W action (framework, p2p bookkeeping): negligible for
     large layers, most of the step for tiny CPU models."""
