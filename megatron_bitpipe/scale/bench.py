@@ -2,8 +2,8 @@
 
 ``run_schedules`` starts ``python -m megatron_bitpipe.train`` once for several schedules (they run
 one after the other in one process group, same weights and data), with ``--measure-memory``, and
-returns per schedule the step times after the first (warm-up) iteration and each rank's peak
-activation memory. ``megatron-bitpipe bench`` and ``sweep --run-local`` use it.
+returns per schedule the step times between the first (warm-up) iteration and the last (whose
+memory is measured, on CPU under torch's profiler) and each rank's peak activation memory. ``megatron-bitpipe bench`` and ``sweep --run-local`` use it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ SECTION = re.compile(r"^schedule (\S+)$", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Measured:
-    """One schedule's real run: step times after warm-up (ms) and peak activation bytes per rank."""
+    """One schedule's real run: step times between warm-up and the memory-measured last iteration
+    (ms), and peak activation bytes per rank."""
 
     schedule: str
     step_ms: tuple[float, ...]
@@ -83,9 +84,9 @@ def parse(log: str, schedules: Sequence[str], tokens_per_step: int) -> dict[str,
         text = sections.get(schedule, "")
         steps = [float(value) for value in STEP.findall(text)]
         peak = PEAK.search(text)
-        if len(steps) < 2 or peak is None:
+        if len(steps) < 3 or peak is None:
             raise BenchError(f"{schedule}: the log has {len(steps)} iterations and "
-                             f"{'a' if peak else 'no'} memory line; give --train-iters >= 2")
+                             f"{'a' if peak else 'no'} memory line; give --train-iters >= 3")
         peaks = tuple(int(value) for value in peak.group(1).split(",") if value.strip() not in ("", "None"))
-        measured[schedule] = Measured(schedule, tuple(steps[1:]), peaks or (0,), tokens_per_step)
+        measured[schedule] = Measured(schedule, tuple(steps[1:-1]), peaks or (0,), tokens_per_step)
     return measured

@@ -238,8 +238,8 @@ def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokens = known.global_batch_size * known.seq_length
-    print(f"bench: {', '.join(schedules)} on {args.nproc_per_node} processes, "
-          f"{known.train_iters} iterations each (the first is warm-up)", flush=True)
+    print(f"bench: {', '.join(schedules)} on {args.nproc_per_node} processes, {known.train_iters} "
+          f"iterations each (timed: all but the warm-up and the memory-measured last)", flush=True)
     measured = bench.run_schedules(args.nproc_per_node, schedules, trainer_args, tokens)
     simulated = _simulated(args, known, schedules) if args.cluster else {}
     reference = {name: measured[name].median_ms for name in ("megatron-interleaved", "megatron-1f1b") if name in measured}
