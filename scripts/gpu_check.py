@@ -32,8 +32,9 @@ import subprocess
 import sys
 import time
 
+from megatron_bitpipe.scale.bench import STEP, sections
+
 LOSS = re.compile(r"iteration\s+\d+/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
-STEP = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
 PEAK = re.compile(r"peak activation memory per rank \(bytes\): (\[.*?\])")
 PP1_SCHEDULES = ["none", "gpipe", "1f1b", "breadth-first", "zb-h1", "v-min", "v-half", "v-zb"]
 SMALL = (
@@ -67,11 +68,6 @@ def train(arguments: list[str], name: str) -> tuple[int, str]:
         with open(os.path.join(logs, f"{name}.log"), "w") as log_file:
             log_file.write(" ".join(command) + "\n" + output)
     return result.returncode, output
-
-
-def sections(log: str) -> dict[str, str]:
-    parts = re.split(r"^schedule (\S+)$", log, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 def worst_relative(values: list[float], reference: list[float]) -> float:

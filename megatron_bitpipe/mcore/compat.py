@@ -79,4 +79,3 @@ def scale_gradient_reduction(ddp: Any, factor: float) -> None:
         buffer.gradient_scaling_factor *= factor
     for bucket in buckets:
         bucket.gradient_scaling_factor *= factor
-

@@ -3,7 +3,8 @@
 ``run_schedules`` starts ``python -m megatron_bitpipe.train`` once for several schedules (they run
 one after the other in one process group, same weights and data), with ``--measure-memory``, and
 returns per schedule the step times between the first (warm-up) iteration and the last (whose
-memory is measured, on CPU under torch's profiler) and each rank's peak activation memory. ``megatron-bitpipe bench`` and ``sweep --run-local`` use it.
+memory is measured, on CPU under torch's profiler) and each rank's peak activation memory.
+``megatron-bitpipe bench``, ``sweep --run-local`` and ``scripts/gpu_check.py`` use it.
 """
 
 from __future__ import annotations
@@ -75,13 +76,18 @@ def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[
     return parse(log, schedules, tokens_per_step)
 
 
-def parse(log: str, schedules: Sequence[str], tokens_per_step: int) -> dict[str, Measured]:
-    """Per schedule of a trainer log: step times after the first iteration, peak memory."""
+def sections(log: str) -> dict[str, str]:
+    """A trainer log of several schedules, split at its ``schedule NAME`` lines."""
     parts = SECTION.split(log)
-    sections = dict(zip(parts[1::2], parts[2::2])) if len(schedules) > 1 else {schedules[0]: log}
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def parse(log: str, schedules: Sequence[str], tokens_per_step: int) -> dict[str, Measured]:
+    """Per schedule of a trainer log: step times between warm-up and the last iteration, peak memory."""
+    by_schedule = sections(log) if len(schedules) > 1 else {schedules[0]: log}
     measured = {}
     for schedule in schedules:
-        text = sections.get(schedule, "")
+        text = by_schedule.get(schedule, "")
         steps = [float(value) for value in STEP.findall(text)]
         peak = PEAK.search(text)
         if len(steps) < 3 or peak is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_bitpipe.scale import bench, config, recommend, slurm, sweep
 from megatron_bitpipe.scale.cost_model import GIB, Prediction, predict
+from megatron_bitpipe.schedules import registry
 
 TRAINER_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
                  "micro_batch_size", "global_batch_size")
@@ -131,8 +132,8 @@ def _run_locally(plan: config.SweepConfig, predictions: list[Prediction], max_pr
         print(f"run-local [{index}/{len(groups)}] {point.label()}: {layout.world_size} processes", flush=True)
         model = members[0].model
         launch = sweep.launch_config(plan, sweep.Point(members[0].layout, microbatches))
-        arguments = slurm.training_command(replace(launch, train_iters=max(iterations, 3)))[3:]
-        arguments = _without(arguments, "--pipeline-schedule")
+        trainer = replace(launch, launcher="trainer", train_iters=max(iterations, 3))
+        arguments = _without(slurm.training_arguments(trainer), "--pipeline-schedule")
         figures = bench.run_schedules(layout.world_size, schedules, arguments,
                                       model.global_batch_size * model.seq_length)
         for member in members:
@@ -185,7 +186,7 @@ def run_recommend(args: argparse.Namespace) -> int:
         closest = max(oom, key=lambda p: p.tokens_per_s)
         print(f"      (fastest that does not fit: {closest.layout.label()}, "
               f"{recommend.why_slower(closest, winner)})")
-    launch = recommend.launch_for(winner, model, cluster)
+    launch = config.LaunchConfig.for_layout(model, cluster, winner.layout)
     text = _launch_yaml(args.model, args.cluster, launch)
     if args.write_launch:
         path = Path(args.write_launch)
@@ -255,16 +256,12 @@ def run_bench(args: argparse.Namespace) -> int:
         for other, median in reference.items():
             figures[f"vs_{other}"] = f"{median / measured[name].median_ms:.3f}"
         table.append({"schedule": name, **figures})
-    sweep_csv = out / "bench.csv"
-    with sweep_csv.open("w") as handle:
-        handle.write(",".join(header) + "\n")
-        for row in table:
-            handle.write(",".join(str(row.get(column, "")) for column in header) + "\n")
+    sweep.write_csv(out / "bench.csv", table, header)
     markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     markdown += ["| " + " | ".join(str(row.get(column, "")) for column in header) + " |" for row in table]
     (out / "bench.md").write_text("\n".join(markdown) + "\n")
     print("\n".join(markdown))
-    print(f"bench: wrote {sweep_csv} and {out / 'bench.md'}")
+    print(f"bench: wrote {out / 'bench.csv'} and {out / 'bench.md'}")
     return 0
 
 
@@ -276,9 +273,10 @@ def _simulated(args: argparse.Namespace, known: argparse.Namespace, schedules: l
                                **{key: getattr(known, key) for key in TRAINER_SIZES})
     microbatches = known.global_batch_size // (known.micro_batch_size * dp)
     found = {}
+    vp = known.virtual_pipeline_model_parallel_size
     for name in schedules:
-        vp = known.virtual_pipeline_model_parallel_size
-        layout = config.Layout(name, pp, tp, dp, vp if name in ("interleaved-1f1b", "breadth-first") else None)
+        takes_vp = name in registry.names() and "vp" in registry.get(name).options
+        layout = config.Layout(name, pp, tp, dp, vp if takes_vp else None)
         prediction = predict(model, cluster, layout, microbatches)
         if prediction.invalid is None:
             found[name] = prediction.step_ms

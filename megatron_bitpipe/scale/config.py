@@ -84,6 +84,10 @@ class ModelConfig:
     def bytes_per_value(self) -> int:
         return 4 if self.precision == "fp32" else 2
 
+    def with_microbatches(self, microbatches: int, data_parallel: int) -> ModelConfig:
+        """This model with the global batch of ``microbatches`` per data-parallel rank."""
+        return replace(self, global_batch_size=microbatches * self.micro_batch_size * data_parallel)
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -263,6 +267,20 @@ class LaunchConfig:
     @property
     def data_parallel(self) -> int:
         return self.nodes * self.node_gpus // (self.pipeline_parallel * self.tensor_parallel)
+
+    @classmethod
+    def for_layout(cls, model: ModelConfig, cluster: ClusterConfig, layout: Layout, **settings: Any) -> LaunchConfig:
+        """A job running ``layout``: whole nodes of ``cluster``, or one node's share; ``settings``
+        are any other LaunchConfig keys."""
+        gpus = cluster.gpus_per_node
+        if layout.world_size % gpus and layout.world_size > gpus:
+            raise ValueError(f"{layout.label()}: world size {layout.world_size} is not whole nodes of {gpus} GPUs")
+        return cls(
+            model=model, cluster=cluster, schedule=layout.schedule, pipeline_parallel=layout.pipeline_parallel,
+            nodes=max(1, layout.world_size // gpus), gpus_per_node=min(gpus, layout.world_size),
+            tensor_parallel=layout.tensor_parallel, virtual_stages=layout.virtual_stages,
+            max_inflight=layout.max_inflight, pipeline_rank_order=layout.pipeline_rank_order, **settings,
+        )
 
     def layout(self) -> Layout:
         return Layout(self.schedule, self.pipeline_parallel, self.tensor_parallel, self.data_parallel,

@@ -63,10 +63,8 @@ class Prediction:
     optimizer_ms: float = 0.0
     compute_ms: float = math.nan
     bubble: float = math.nan
-    p2p_ms: float = 0.0
     sync_ms: float = 0.0
     peak_memory_bytes: int = 0
-    activation_bytes: int = 0
     state_bytes: int = 0
     invalid: str | None = None
 
@@ -152,10 +150,8 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbat
         optimizer_ms=optimizer,
         compute_ms=max(result.busy),
         bubble=result.bubble_ratio,
-        p2p_ms=result.p2p_messages * simulated_costs.message_time() / layout.pipeline_parallel,
         sync_ms=sum(event.end - event.start for event in result.sync_events) / layout.pipeline_parallel,
         peak_memory_bytes=state + activations + logits,
-        activation_bytes=activations,
         state_bytes=state,
     )
 
@@ -168,11 +164,8 @@ def check_layout(model: ModelConfig, cluster: ClusterConfig, layout: Layout) -> 
         return f"tensor_parallel {layout.tensor_parallel} spans nodes of {cluster.gpus_per_node} GPUs"
     if model.num_attention_heads % layout.tensor_parallel:
         return f"num_attention_heads {model.num_attention_heads} is not divisible by tensor_parallel {layout.tensor_parallel}"
-    if layout.pipeline_rank_order == "replica-pairs":
-        if not registry.get(layout.schedule).bidirectional:
-            return f"replica-pairs places replicas; {layout.schedule} has one pipeline"
-        if layout.pipeline_parallel % 2:
-            return f"replica-pairs needs an even pipeline_parallel, got {layout.pipeline_parallel}"
+    if layout.pipeline_rank_order == "replica-pairs" and not registry.get(layout.schedule).bidirectional:
+        return f"replica-pairs places replicas; {layout.schedule} has one pipeline"
     return None
 
 
@@ -251,15 +244,17 @@ def _layer_parameters(model: ModelConfig) -> int:
 
 
 def _layer_flops(model: ModelConfig) -> float:
-    h, s = model.hidden_size, model.seq_length
-    ffn = model.ffn_hidden_size or 4 * h
-    tokens = _tokens(model)
-    return tokens * (8 * h * h + 4 * h * ffn + 4 * s * h)
+    return _flops(model.hidden_size, model.seq_length, model.micro_batch_size, model.ffn_hidden_size)
 
 
 def _row_flops(row: dict) -> float:
-    h, s, b = row["hidden"], row["seq"], row["micro_batch"]
-    return b * s * (8 * h * h + 16 * h * h + 4 * s * h)
+    return _flops(row["hidden"], row["seq"], row["micro_batch"])
+
+
+def _flops(hidden: int, seq: int, micro_batch: int, ffn: int | None = None) -> float:
+    """Forward FLOPs of one layer: QKV and projection GEMMs, the MLP, attention scores."""
+    ffn = ffn or 4 * hidden
+    return micro_batch * seq * (8 * hidden * hidden + 4 * hidden * ffn + 4 * seq * hidden)
 
 
 def _tokens(model: ModelConfig) -> int:

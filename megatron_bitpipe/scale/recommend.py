@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_bitpipe.scale.config import ClusterConfig, LaunchConfig, Layout, ModelConfig
+from megatron_bitpipe.scale.config import ClusterConfig, Layout, ModelConfig
 from megatron_bitpipe.scale.cost_model import GIB, Prediction, layer_costs, predict
 from megatron_bitpipe.schedules import registry
 
@@ -88,14 +88,3 @@ def why_slower(prediction: Prediction, winner: Prediction) -> str:
     reason, loss = max(reasons.items(), key=lambda item: item[1])
     return reason if loss > 0 else "about as fast (within the model's precision)"
 
-
-def launch_for(prediction: Prediction, model: ModelConfig, cluster: ClusterConfig) -> LaunchConfig:
-    """A launch config for a prediction (whole nodes, or one node's share)."""
-    layout, gpus = prediction.layout, cluster.gpus_per_node
-    return LaunchConfig(
-        model=model, cluster=cluster, schedule=layout.schedule, pipeline_parallel=layout.pipeline_parallel,
-        nodes=max(1, layout.world_size // gpus), gpus_per_node=min(gpus, layout.world_size),
-        tensor_parallel=layout.tensor_parallel,
-        virtual_stages=layout.virtual_stages, max_inflight=layout.max_inflight,
-        pipeline_rank_order=layout.pipeline_rank_order,
-    )

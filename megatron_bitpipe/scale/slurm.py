@@ -31,6 +31,15 @@ NCCL_SETTINGS = (
 
 def training_command(launch: LaunchConfig) -> list[str]:
     """The per-process command of ``launch`` (what torchrun starts on every GPU)."""
+    if launch.launcher == "megatron-lm":
+        entry = [launch.python, "-m", "megatron_bitpipe.megatron_lm", f"{launch.megatron_lm_path}/pretrain_gpt.py"]
+    else:
+        entry = [launch.python, "-m", "megatron_bitpipe.train"]
+    return [*entry, *training_arguments(launch)]
+
+
+def training_arguments(launch: LaunchConfig) -> list[str]:
+    """The arguments of ``launch``'s trainer or ``pretrain_gpt.py``, without the program."""
     model, layout = launch.model, launch.layout()
     schedule = [
         "--pipeline-model-parallel-size", str(layout.pipeline_parallel),
@@ -72,11 +81,9 @@ def training_command(launch: LaunchConfig) -> list[str]:
         data = (["--data-path", launch.data_path] if launch.data_path is not None
                 else ["--mock-data", "--tokenizer-type", "NullTokenizer"])
         data += ["--vocab-size", str(model.vocab_size), "--log-interval", "1"]
-        entry = [launch.python, "-m", "megatron_bitpipe.megatron_lm", f"{launch.megatron_lm_path}/pretrain_gpt.py"]
     else:
         data = ["--vocab-size", str(model.vocab_size)]
-        entry = [launch.python, "-m", "megatron_bitpipe.train"]
-    return [*entry, *schedule, *sizes, *data, *launch.extra_args]
+    return [*schedule, *sizes, *data, *launch.extra_args]
 
 
 def nproc_per_node(launch: LaunchConfig) -> int:

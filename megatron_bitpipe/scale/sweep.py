@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -66,8 +66,7 @@ def predict_all(sweep: SweepConfig, points: Sequence[Point],
              f"(layer costs: {costs.source})")
     predictions = []
     for index, point in enumerate(points, 1):
-        model = replace(sweep.model, global_batch_size=point.microbatches * sweep.model.micro_batch_size
-                        * point.layout.data_parallel)
+        model = sweep.model.with_microbatches(point.microbatches, point.layout.data_parallel)
         prediction = predict(model, sweep.cluster, point.layout, point.microbatches, costs=costs)
         predictions.append(prediction)
         progress(f"[{index}/{len(points)}] {point.label()}: {describe(prediction)}")
@@ -119,9 +118,10 @@ def rows(predictions: Iterable[Prediction], measured: dict[Point, dict] | None =
     return result
 
 
-def write_csv(path: Path, table: list[dict]) -> None:
+def write_csv(path: Path, table: list[dict], columns: Sequence[str] = COLUMNS) -> None:
+    """``table``'s rows under a header of ``columns``."""
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
 
@@ -189,18 +189,8 @@ def plot(out: Path, predictions: Sequence[Prediction], title: str) -> list[Path]
 
 def launch_config(sweep: SweepConfig, point: Point) -> LaunchConfig:
     """The launch config of one point: the sweep's ``launch`` settings and the point's layout."""
-    layout, gpus = point.layout, sweep.cluster.gpus_per_node
-    model = replace(sweep.model, global_batch_size=point.microbatches * sweep.model.micro_batch_size
-                    * layout.data_parallel)
-    if layout.world_size % gpus and layout.world_size > gpus:
-        raise ValueError(f"{point.label()}: world size {layout.world_size} is not whole nodes of {gpus} GPUs")
     settings = dict(sweep.launch)
     settings["extra_args"] = tuple(settings.get("extra_args", ()))
     settings.setdefault("job_name", f"megatron-bitpipe-{sweep.model.name}-{point.label()}")
-    return LaunchConfig(
-        model=model, cluster=sweep.cluster, schedule=layout.schedule, pipeline_parallel=layout.pipeline_parallel,
-        nodes=max(1, layout.world_size // gpus), gpus_per_node=min(gpus, layout.world_size),
-        tensor_parallel=layout.tensor_parallel,
-        virtual_stages=layout.virtual_stages, max_inflight=layout.max_inflight,
-        pipeline_rank_order=layout.pipeline_rank_order, **settings,
-    )
+    model = sweep.model.with_microbatches(point.microbatches, point.layout.data_parallel)
+    return LaunchConfig.for_layout(model, sweep.cluster, point.layout, **settings)

@@ -84,24 +84,19 @@ class Costs:
             base += forward_extra if action.kind is Kind.F else (backward_extra if action.kind in (Kind.B, Kind.I) else 0.0)
         return base
 
-    def crosses_nodes(self, rank: int, other: int) -> bool:
-        return bool(self.rank_nodes) and self.rank_nodes[rank] != self.rank_nodes[other]
-
-    def message_time(self, source: int = 0, target: int = 0) -> float:
+    def message_time(self, source: int, target: int) -> float:
         """One activation (or gradient) message from rank ``source`` to rank ``target``."""
-        if self.crosses_nodes(source, target):
-            latency, bandwidth = self.inter_node_latency, self.inter_node_bandwidth
-        else:
-            latency, bandwidth = self.latency, self.bandwidth
-        return latency + (self.message_bytes / bandwidth if self.message_bytes else 0.0)
+        return self._transfer(source, target, self.message_bytes, self.latency, self.bandwidth)
 
-    def sync_time(self, rank: int = 0, partner: int = 0) -> float:
+    def sync_time(self, rank: int, partner: int) -> float:
         """The replica all-reduce of one stage's gradients between ``rank`` and ``partner``."""
-        if self.crosses_nodes(rank, partner):
+        return self._transfer(rank, partner, 2 * self.stage_grad_bytes, self.sync_latency, self.sync_bandwidth)
+
+    def _transfer(self, rank: int, other: int, size: int, latency: float, bandwidth: float) -> float:
+        """``size`` bytes between two ranks: on the given link inside a node, else the inter-node one."""
+        if self.rank_nodes and self.rank_nodes[rank] != self.rank_nodes[other]:
             latency, bandwidth = self.inter_node_latency, self.inter_node_bandwidth
-        else:
-            latency, bandwidth = self.sync_latency, self.sync_bandwidth
-        return latency + (2 * self.stage_grad_bytes / bandwidth if self.stage_grad_bytes else 0.0)
+        return latency + (size / bandwidth if size else 0.0)
 
 
 @dataclass(frozen=True)
