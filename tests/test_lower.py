@@ -10,11 +10,12 @@ def texts(program):
     return [str(action) for action in program]
 
 
-def test_1f1b_middle_rank_receives_just_before_use_and_sends_right_after():
+def test_1f1b_middle_rank_receives_when_the_peer_sends_and_sends_right_after():
     lowered = lower(one_f_one_b(3, 2))
+    # rank 0 sends F1 as rank 1 finishes F0: the lower rank's message comes first at that moment
     assert texts(lowered.programs[1]) == [
-        "1RECV_F0", "1F0", "1SEND_F0",
-        "1RECV_F1", "1F1", "1SEND_F1",
+        "1RECV_F0", "1F0", "1RECV_F1", "1SEND_F0",
+        "1F1", "1SEND_F1",
         "1RECV_B0", "1B0", "1SEND_B0",
         "1RECV_B1", "1B1", "1SEND_B1",
     ]
@@ -61,14 +62,13 @@ def test_replica_pairs_sync_stages_in_the_same_order():
 def test_a_send_completes_at_the_first_reply_the_peer_sent_after_posting_its_receive():
     lowered = lower(one_f_one_b(4, 8))
     completions = send_completions(lowered)
-    # rank 0 sends F0..F3 in warm-up; rank 1 posts the receive of F3 before it sends B1 back
+    # rank 0 sends F0..F3 in warm-up; rank 1 posts the receive of F3 before it sends B0 back
     assert {str(recv): texts(sends) for recv, sends in completions[0].items()} == {
-        "0RECV_B0": ["0SEND_F0", "0SEND_F1", "0SEND_F2"],
-        "0RECV_B1": ["0SEND_F3"],
-        "0RECV_B2": ["0SEND_F4"],
-        "0RECV_B3": ["0SEND_F5"],
-        "0RECV_B4": ["0SEND_F6"],
-        "0RECV_B5": ["0SEND_F7"],
+        "0RECV_B0": ["0SEND_F0", "0SEND_F1", "0SEND_F2", "0SEND_F3"],
+        "0RECV_B1": ["0SEND_F4"],
+        "0RECV_B2": ["0SEND_F5"],
+        "0RECV_B3": ["0SEND_F6"],
+        "0RECV_B4": ["0SEND_F7"],
     }
     # the last rank's gradients are proven by activations the middle rank sends later
     assert {str(recv): texts(sends) for recv, sends in completions[3].items()} == {

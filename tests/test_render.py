@@ -48,8 +48,8 @@ def test_text_grid_unit_sets_column_width_in_time():
 def test_text_grid_adds_a_sync_row_under_each_rank_with_syncs():
     _, result = synced_result()
     lines = render.text_grid(result).splitlines()
-    assert lines[2] == "  sync |   .   .   .   .   .   .   .   .   .   .   .  0R  3R"
-    assert lines[4] == "  sync |   .   .   .   .   .   .   .   .   .   .   .  2R  1R"
+    assert lines[2] == "  sync |   .   .   .   .   .   .   .   .   .  3R   .  0R"
+    assert lines[4] == "  sync |   .   .   .   .   .   .   .   .   .  1R   .  2R"
 
 
 def test_program_grid_lists_each_rank_in_order():

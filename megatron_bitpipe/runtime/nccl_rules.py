@@ -1,28 +1,36 @@
-"""Replay a step's communication under NCCL's rules, on the CPU, to prove it cannot hang.
+"""Replay a step's communication under NCCL's and CUDA's rules, on the CPU, to prove it cannot hang.
 
 Gloo connects a group inside ``new_group`` and buffers sends, so the CPU tests cannot see the
 ways NCCL hangs. This module records, for every rank, the calls the real ``Executor`` and ``P2P``
 make (``record_step``: the executor runs the rank's lowered program with a P2P whose transport
-writes the calls down), then replays all ranks together under NCCL's rules (``replay``):
+writes the calls down), then replays all ranks together (``replay``):
 
 1. **Lazy, blocking creation.** A communicator is created at its first call; that call blocks
-   the rank until every member has made its own first call on it.
-2. **In-order matching per communicator, tags ignored.** A rank's operations on one
-   communicator run in posting order; the operation at the head matches the peer's operation at
-   the head (a send with a receive, a collective with the same collective on every member),
-   whatever tensor each carries. Until it is matched it holds back everything behind it.
-   A send is complete once matched (rendezvous: no eager buffering is assumed).
-3. **Waiting blocks.** ``wait`` on an operation holds the rank until the operation is matched
-   (on NCCL the compute stream waits; everything after it on the rank runs later).
+   the rank's host until every member has made its own first call on it.
+2. **The host never waits otherwise** (the NCCL runtime's waits make the compute stream wait),
+   except at a device-wide sync (``SYNC``: ``torch.cuda.synchronize``, ``empty_cache``, a value
+   read on the host), which holds it until every operation it launched has completed.
+3. **Streams run in order.** Every communicator has a stream per rank; a wait for an operation
+   runs on the compute stream, and an NCCL operation first waits for the compute stream as it was
+   at launch (torch's ProcessGroupNCCL does). An operation starts once the one before it on its
+   stream, and whatever it waits for, has completed.
+4. **Hardware queues are FIFO.** With ``CUDA_DEVICE_MAX_CONNECTIONS=1`` every stream of a GPU
+   feeds one queue: an operation that cannot start blocks every operation launched after it, on
+   every stream. With more connections, streams spread over that many queues.
+5. **In-order matching per communicator, tags ignored; no eager sends.** A started send completes
+   when the operation its peer has started on the same communicator is the matching receive
+   (large messages wait for their receive); a collective completes once every member has started
+   it.
 
-Posting never blocks, apart from creation. A replay where no rank can move before all are done
-raises ``NcclDeadlock`` naming what every stuck rank waits for; a send matched with a receive
-that expects another message raises ``NcclMismatch`` (on NCCL that is silent corruption).
+A replay where no rank can move before all are done raises ``NcclDeadlock`` naming what every
+stuck rank waits for; two matched operations that carry different messages raise ``NcclMismatch``
+(on NCCL that is silent corruption).
 
 The step as recorded: the executor's program (with the early send completions of
 ``schedules.lower.send_completions``, as the mcore adapter runs it), then the gradient reductions
 the program started are waited on (megatron's ``finish_grad_sync``), then the loss all-reduce
-over the pipeline group when the loss heads are not all on the last rank. ``setup_calls`` adds the set-up of
+over the pipeline group when the loss heads are not all on the last rank, then the optimizer's
+host read of the gradient norm (a device-wide sync). ``setup_calls`` adds the set-up of
 ``runtime.channels.initialize_communicators`` in front, in the order it really uses.
 """
 
@@ -44,11 +52,13 @@ from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
 from megatron_bitpipe.schedules.lower import send_completions
 from megatron_bitpipe.schedules.placement import Placement
 
-SEND, RECV, COLLECTIVE, WAIT = "send", "recv", "collective", "wait"
+SEND, RECV, COLLECTIVE, WAIT, SYNC = "send", "recv", "collective", "wait", "sync"
+COMPUTE_STREAM = "compute"
 
 
 class HostCall(NamedTuple):
-    """One call a rank makes: post an operation on a communicator, or wait for one."""
+    """One call a rank makes: post an operation on a communicator, wait for one (on the compute
+    stream), or sync the whole device (``SYNC``)."""
 
     kind: str
     communicator: str
@@ -88,6 +98,14 @@ class _Recorder:
 
     def wait(self, handle: int, communicator: str) -> None:
         self.calls.append(HostCall(WAIT, communicator, handle, None, "", self.during))
+
+    def sync(self) -> None:
+        self.calls.append(device_sync(self.during))
+
+
+def device_sync(during: str) -> HostCall:
+    """A device-wide sync made during ``during``: the host waits for all it launched."""
+    return HostCall(SYNC, "", -1, None, "", during)
 
 
 class _RecordedWork:
@@ -222,6 +240,8 @@ def record_step(lowered: Schedule, rank: int, *, channels: bool = True) -> list[
         recorder.phase = "the loss all-reduce"
         everyone = ",".join(map(str, range(placement.num_ranks)))
         recorder.post(COLLECTIVE, f"pipeline {everyone}", None, "losses").wait()
+    recorder.phase = "the optimizer step (the gradient norm read on the host)"
+    recorder.sync()
     return recorder.calls
 
 
@@ -252,94 +272,204 @@ def communicator_members(placement: Placement, *, channels: bool = True) -> dict
     return members
 
 
-def replay(programs: Sequence[Sequence[HostCall]], members: dict[str, tuple[int, ...]]) -> None:
-    """Run every rank's calls together under NCCL's rules; raise on a deadlock or a mismatch."""
-    num_ranks = len(programs)
-    cursor = [0] * num_ranks
-    created: set[str] = set()
-    arrived: dict[str, set[int]] = defaultdict(set)
-    queues: dict[tuple[str, int], deque[HostCall]] = defaultdict(deque)
-    completed: set[tuple[int, int]] = set()
+def replay(
+    programs: Sequence[Sequence[HostCall]],
+    members: dict[str, tuple[int, ...]],
+    *,
+    connections: int | None = 1,
+) -> None:
+    """Run every rank's calls together under NCCL's and CUDA's rules (module docstring).
+
+    ``connections`` is ``CUDA_DEVICE_MAX_CONNECTIONS``: 1 puts every stream of a GPU in one FIFO
+    hardware queue; K > 1 spreads the streams over K queues in their order of first use; None
+    gives every stream a queue of its own. Raises ``NcclDeadlock`` when no rank can move before
+    all are done, ``NcclMismatch`` when two matched operations carry different messages.
+    """
+    if connections is not None and connections < 1:
+        raise ValueError(f"connections must be >= 1 or None, got {connections}")
+    gpus = [_Gpu(rank, calls, connections) for rank, calls in enumerate(programs)]
+    world = _World(members, gpus)
     progress = True
     while progress:
         progress = False
-        for rank in range(num_ranks):
-            calls = programs[rank]
-            while cursor[rank] < len(calls):
-                call = calls[cursor[rank]]
-                if call.kind == WAIT:
-                    if (rank, call.handle) not in completed:
-                        break
-                else:
-                    name = call.communicator
-                    if name not in created:
-                        arrived[name].add(rank)
-                        if not arrived[name] >= set(members[name]):
-                            break
-                        created.add(name)
-                    queues[(name, rank)].append(call)
-                    _match(name, members[name], queues, completed)
-                cursor[rank] += 1
-                progress = True
-    stuck = [rank for rank in range(num_ranks) if cursor[rank] < len(programs[rank])]
+        for gpu in gpus:
+            progress |= world.advance_host(gpu)
+            progress |= world.dispatch(gpu)
+    stuck = [gpu for gpu in gpus if not gpu.finished]
     if stuck:
-        reasons = [_why_stuck(rank, programs[rank][cursor[rank]], members, created) for rank in stuck]
-        raise NcclDeadlock("; ".join(reasons))
+        raise NcclDeadlock("; ".join(world.why_stuck(gpu) for gpu in stuck))
 
 
-def _match(
-    name: str,
-    ranks: tuple[int, ...],
-    queues: dict[tuple[str, int], deque[HostCall]],
-    completed: set[tuple[int, int]],
-) -> None:
-    """Complete operations at the heads of ``name``'s queues while they match."""
-    while True:
-        heads = {rank: queues[(name, rank)][0] for rank in ranks if queues[(name, rank)]}
-        pair = _matching_pair(heads)
-        if pair is not None:
-            sender, receiver = pair
-            send, receive = queues[(name, sender)].popleft(), queues[(name, receiver)].popleft()
-            if send.payload != receive.payload:
-                raise NcclMismatch(
-                    f"{name}: rank {sender} sends the {send.payload} (during {send.during}) where "
-                    f"rank {receiver} expects the {receive.payload} (during {receive.during})"
-                )
-            completed.update({(sender, send.handle), (receiver, receive.handle)})
-        elif len(heads) == len(ranks) and all(head.kind == COLLECTIVE for head in heads.values()):
-            if len({head.payload for head in heads.values()}) > 1:
-                running = "; ".join(
-                    f"rank {rank} runs {head.payload} (during {head.during})"
-                    for rank, head in heads.items()
-                )
-                raise NcclMismatch(f"{name}: the ranks' next collectives differ: {running}")
-            completed.update((rank, queues[(name, rank)].popleft().handle) for rank in ranks)
+class _Op:
+    """One operation launched on a GPU: a communicator call on its stream, or a compute-stream
+    wait for an earlier operation (``awaited``)."""
+
+    __slots__ = ("rank", "call", "stream", "before", "compute_before", "awaited", "state")
+
+    LAUNCHED, RUNNING, COMPLETE = 0, 1, 2
+
+    def __init__(self, rank: int, call: HostCall, stream: str, before: _Op | None) -> None:
+        self.rank, self.call, self.stream = rank, call, stream
+        self.before = before
+        """The operation launched before it on the same stream (streams run in order)."""
+        self.compute_before: _Op | None = None
+        """The compute stream's last operation at launch: NCCL's stream waits for it."""
+        self.awaited: _Op | None = None
+        self.state = _Op.LAUNCHED
+
+    def describe(self) -> str:
+        call = self.call
+        if call.kind == WAIT:
+            return f"the compute stream's wait at {call.during}"
+        return f"{call.kind} {call.payload!r} on {call.communicator} (posted at {call.during})"
+
+
+class _Gpu:
+    """A rank's host cursor and its GPU: streams, hardware queues, launched operations."""
+
+    def __init__(self, rank: int, calls: Sequence[HostCall], connections: int | None) -> None:
+        self.rank, self.calls, self.connections = rank, calls, connections
+        self.cursor = 0
+        self.ops: dict[int, _Op] = {}
+        self.last_on: dict[str, _Op] = {}
+        self.queues: dict[Any, deque[_Op]] = defaultdict(deque)
+        self.queue_of: dict[str, Any] = {}
+        self.incomplete = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.cursor == len(self.calls) and self.incomplete == 0
+
+    def launch(self, call: HostCall) -> _Op:
+        stream = COMPUTE_STREAM if call.kind == WAIT else call.communicator
+        op = _Op(self.rank, call, stream, self.last_on.get(stream))
+        if call.kind == WAIT:
+            op.awaited = self.ops[call.handle]
         else:
-            return
+            op.compute_before = self.last_on.get(COMPUTE_STREAM)
+            self.ops[call.handle] = op
+        self.last_on[stream] = op
+        if stream not in self.queue_of:
+            index = len(self.queue_of)
+            self.queue_of[stream] = stream if self.connections is None else index % self.connections
+        self.queues[self.queue_of[stream]].append(op)
+        self.incomplete += 1
+        return op
 
 
-def _matching_pair(heads: dict[int, HostCall]) -> tuple[int, int] | None:
-    for rank, head in heads.items():
-        if head.kind == SEND:
-            other = heads.get(head.peer)
-            if other is not None and other.kind == RECV and other.peer == rank:
-                return rank, head.peer
+def _blocker(op: _Op) -> _Op | None:
+    """The unfinished operation that keeps ``op`` from starting, or None if it can start."""
+    for earlier in (op.before, op.compute_before, op.awaited):
+        if earlier is not None and earlier.state != _Op.COMPLETE:
+            return earlier
     return None
 
 
-def _why_stuck(
-    rank: int, call: HostCall, members: dict[str, tuple[int, ...]], created: set[str]
-) -> str:
-    where = f"rank {rank} waits at {call.during}"
-    if call.kind == WAIT:
-        return f"{where} for its {call.communicator} operation to be matched"
-    if call.communicator not in created:
-        others = ", ".join(str(r) for r in members[call.communicator] if r != rank)
-        return (
-            f"{where}: the first call on {call.communicator} blocks until rank(s) {others} "
-            f"call on it too"
+class _World:
+    def __init__(self, members: dict[str, tuple[int, ...]], gpus: list[_Gpu]) -> None:
+        self.members, self.gpus = members, gpus
+        self.created: set[str] = set()
+        self.arrived: dict[str, set[int]] = defaultdict(set)
+        self.running: dict[tuple[str, int], _Op] = {}
+
+    def advance_host(self, gpu: _Gpu) -> bool:
+        """Make ``gpu``'s host calls until one blocks (creation, a device-wide sync)."""
+        start = gpu.cursor
+        while gpu.cursor < len(gpu.calls):
+            call = gpu.calls[gpu.cursor]
+            if call.kind == SYNC:
+                if gpu.incomplete:
+                    break
+            elif call.kind != WAIT and call.communicator not in self.created:
+                name = call.communicator
+                self.arrived[name].add(gpu.rank)
+                if not self.arrived[name] >= set(self.members[name]):
+                    break
+                self.created.add(name)
+            if call.kind != SYNC:
+                gpu.launch(call)
+            gpu.cursor += 1
+        return gpu.cursor != start
+
+    def dispatch(self, gpu: _Gpu) -> bool:
+        """Start the operations at the heads of ``gpu``'s queues while they can start."""
+        moved = False
+        for queue in gpu.queues.values():
+            while queue and _blocker(queue[0]) is None:
+                self._start(queue.popleft())
+                moved = True
+        return moved
+
+    def _start(self, op: _Op) -> None:
+        if op.call.kind == WAIT:
+            self._complete(op)
+            return
+        op.state = _Op.RUNNING
+        name = op.call.communicator
+        self.running[(name, op.rank)] = op
+        if op.call.kind == COLLECTIVE:
+            heads = [self.running.get((name, rank)) for rank in self.members[name]]
+            if all(head is not None and head.call.kind == COLLECTIVE for head in heads):
+                if len({head.call.payload for head in heads}) > 1:
+                    running = "; ".join(
+                        f"rank {head.rank} runs {head.call.payload} (during {head.call.during})"
+                        for head in heads
+                    )
+                    raise NcclMismatch(f"{name}: the ranks' next collectives differ: {running}")
+                for head in heads:
+                    self._complete(head)
+            return
+        other = self.running.get((name, op.call.peer))
+        if other is None or other.call.peer != op.rank or {op.call.kind, other.call.kind} != {SEND, RECV}:
+            return
+        send, receive = (op, other) if op.call.kind == SEND else (other, op)
+        if send.call.payload != receive.call.payload:
+            raise NcclMismatch(
+                f"{name}: rank {send.rank} sends the {send.call.payload} (during "
+                f"{send.call.during}) where rank {receive.rank} expects the "
+                f"{receive.call.payload} (during {receive.call.during})"
+            )
+        self._complete(send)
+        self._complete(receive)
+
+    def _complete(self, op: _Op) -> None:
+        op.state = _Op.COMPLETE
+        self.gpus[op.rank].incomplete -= 1
+        if op.call.kind != WAIT:
+            del self.running[(op.call.communicator, op.rank)]
+
+    def why_stuck(self, gpu: _Gpu) -> str:
+        """What ``gpu``'s host waits for at a creation; else what its GPU cannot start; else what
+        its device-wide sync waits for."""
+        rank = gpu.rank
+        call = gpu.calls[gpu.cursor] if gpu.cursor < len(gpu.calls) else None
+        if call is not None and call.kind != SYNC:
+            others = ", ".join(str(r) for r in self.members[call.communicator] if r != rank)
+            return (
+                f"rank {rank} waits at {call.during}: the first call on {call.communicator} "
+                f"blocks until rank(s) {others} call on it too"
+            )
+        heads = [queue[0] for queue in gpu.queues.values() if queue]
+        if heads:
+            head = heads[0]
+            blocker = _blocker(head)
+            assert blocker is not None
+            shared = self.gpus[rank].connections is not None and len(gpu.queues[gpu.queue_of[head.stream]]) > 1
+            behind = " (one hardware queue: everything launched after it waits too)" if shared else ""
+            return (
+                f"rank {rank}'s GPU cannot start {head.describe()}: it waits for "
+                f"{blocker.describe()}{self._unmatched(blocker)}{behind}"
+            )
+        pending = next(op for op in gpu.ops.values() if op.state != _Op.COMPLETE)
+        where = f"rank {rank}'s {pending.describe()}" if call is None else (
+            f"rank {rank} waits at {call.during}: a device-wide sync waits for {pending.describe()}"
         )
-    return f"{where} on {call.communicator}"  # pragma: no cover - posting only blocks at creation
+        return f"{where}{self._unmatched(pending) or ', which is never matched'}"
+
+    def _unmatched(self, op: _Op) -> str:
+        if op.state == _Op.RUNNING and op.call.peer is not None:
+            return f", which rank {op.call.peer} has not matched"
+        return ""
 
 
 def first_step_calls(
@@ -357,9 +487,17 @@ def first_step_calls(
     return programs
 
 
-def check_first_step(lowered: Schedule, *, initialize: bool = True, channels: bool = True) -> None:
-    """Replay the first step of ``lowered`` under NCCL's rules; raise if it hangs or mismatches."""
+def check_first_step(
+    lowered: Schedule,
+    *,
+    initialize: bool = True,
+    channels: bool = True,
+    connections: int | None = 1,
+) -> None:
+    """Replay the first step of ``lowered`` under NCCL's rules (``connections`` as in
+    ``replay``); raise ``NcclDeadlock`` if it hangs, ``NcclMismatch`` if messages mix."""
     replay(
         first_step_calls(lowered, initialize=initialize, channels=channels),
         communicator_members(lowered.placement, channels=channels),
+        connections=connections,
     )

@@ -1,23 +1,39 @@
 """Compute-only schedule -> executable schedule with SEND/RECV and REDUCE_GRAD actions.
 
-Rules (deterministic, so every rank derives the same message order):
-  * a SEND follows its producer at once (F -> SEND_F, B/I -> SEND_B) when the neighbour stage lives
-    on another rank; the V turn and other same-rank hand-overs get no message;
-  * receives from one peer are posted in the order that peer sends (order-matched p2p: NCCL
-    ignores tags), each no later than just before the action that consumes it;
-  * REDUCE_GRAD(stage) follows the stage's last backward on its rank (eager sync). With two
-    pipelines both replicas issue their syncs in one shared stage order.
+Every rank's program is one global order cut into ranks, so that no order of launches can hang
+on NCCL (``runtime.nccl_rules`` replays it): the compute actions are timed with unit costs
+(``simulate.timeline``: F=1, B=2, I=W=1), and each rank runs its own actions sorted by time.
+
+  * a message's SEND and its RECV stand at the same point of that order, the end of the action
+    that produces it: the SEND follows its producer (F -> SEND_F, B/I -> SEND_B), after only the
+    receives of messages that lower ranks send at that moment, and the peer posts the receive
+    there, before its consumer. The V turn and other same-rank hand-overs
+    get no message. Receives from one peer come in the order that peer sends (NCCL ignores tags);
+  * REDUCE_GRAD(stage) stands, on both replicas (two pipelines) or on its rank (data parallel
+    only), where the later of the two replicas has run the stage's last backward (eager sync).
+
+At one point of time come the messages (by sender rank), then the syncs (by stage position),
+then the compute that starts there; both ends of a message or a sync give it the same place.
+
+Why one order: once every operation before a message (or sync) in that order has completed, its
+two ends can start and match, whatever is queued behind them. So no rank can hang: with
+``CUDA_DEVICE_MAX_CONNECTIONS=1``, where every stream of a GPU shares one FIFO queue; with
+communicators created at their first call; with a device-wide sync anywhere (the lowest one
+waits only for operations before it, which all complete).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict, deque
+from collections import defaultdict
 
 from megatron_bitpipe.schedules.errors import ScheduleError
 from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
 from megatron_bitpipe.schedules.placement import Placement
-from megatron_bitpipe.schedules.validate import Message, messages_of
+from megatron_bitpipe.schedules.simulate import Costs, timeline
+
+_MESSAGE, _SYNC, _COMPUTE = range(3)
+"""What runs first at one point of time (module docstring)."""
 
 
 def lower(schedule: Schedule, *, grad_sync: bool | None = None) -> Schedule:
@@ -26,98 +42,45 @@ def lower(schedule: Schedule, *, grad_sync: bool | None = None) -> Schedule:
         raise ScheduleError(f"{schedule.name}: schedule is already lowered")
     if grad_sync is None:
         grad_sync = schedule.placement.num_pipelines == 2
-    programs = _add_comm(schedule)
+    placement = schedule.placement
+    stage_rank = placement.stage_ranks
+    keyed: list[list[tuple[tuple[float, int, int], Action]]] = [[] for _ in schedule.programs]
+    last_backward: dict[tuple[int, int], float] = {}
+    for event in timeline(schedule, Costs()):
+        rank, action = event.rank, event.action
+        stage, kind, microbatch = action
+        keyed[rank].append(((event.start, _COMPUTE, 0), action))
+        if kind is Kind.F:
+            target, send, receive = placement.next_stage(stage), Kind.SEND_F, Kind.RECV_F
+        elif kind is Kind.B or kind is Kind.I:
+            target, send, receive = placement.prev_stage(stage), Kind.SEND_B, Kind.RECV_B
+        else:
+            target = None
+        if kind is Kind.B or kind is Kind.W:
+            last_backward[(rank, stage)] = event.end
+        if target is not None and stage_rank[target] != rank:
+            key = (event.end, _MESSAGE, rank)
+            keyed[rank].append((key, Action(stage, send, microbatch)))
+            keyed[stage_rank[target]].append((key, Action(target, receive, microbatch)))
     if grad_sync:
-        programs = _add_reduce_grad(schedule, programs)
+        for (rank, stage), end in last_backward.items():
+            position = placement.position(stage)
+            partner = _replica(placement, rank)
+            partner_end = last_backward[(partner, _stage_at(placement, partner, position))]
+            key = (max(end, partner_end), _SYNC, position)
+            keyed[rank].append((key, Action(stage, Kind.REDUCE_GRAD)))
+    programs = tuple(tuple(action for _, action in sorted(items)) for items in keyed)
     return schedule.with_programs(programs)
 
 
-def _add_comm(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
-    """Roughly: before each compute action that consumes a message, post the receives from that
-    peer up to and including it, in the peer's send order (a RECV names the consumer stage);
-    after each one that produces a message, add its send. Stage lookups are lists built once
-    (the loop sees every action)."""
-    placement = schedule.placement
-    stages = range(placement.num_stages)
-    stage_rank = placement.stage_ranks
-    next_stage = [placement.next_stage(stage) for stage in stages]
-    prev_stage = [placement.prev_stage(stage) for stage in stages]
-    outgoing = messages_of(schedule)
-    pending: dict[tuple[int, int], deque[Message]] = {pair: deque(queue) for pair, queue in outgoing.items()}
-    programs = []
-    for rank, program in enumerate(schedule.programs):
-        lowered: list[Action] = []
-        posted: set[Message] = set()
-        for action in program:
-            stage, kind, microbatch = action
-            if kind is Kind.F:
-                source, target, send = prev_stage[stage], next_stage[stage], Kind.SEND_F
-                direction = "F"
-            elif kind is Kind.B or kind is Kind.I:
-                source, target, send = next_stage[stage], prev_stage[stage], Kind.SEND_B
-                direction = "B"
-            else:
-                lowered.append(action)
-                continue
-            if source is not None and stage_rank[source] != rank:
-                needed = (stage_rank[source], rank, direction, source, microbatch)
-                if needed not in posted:
-                    queue = pending[(needed[0], rank)]
-                    while True:
-                        message = queue.popleft()
-                        posted.add(message)
-                        _, _, sent, producer, sent_microbatch = message
-                        forward = sent == "F"
-                        consumer = next_stage[producer] if forward else prev_stage[producer]
-                        assert consumer is not None
-                        receive = Kind.RECV_F if forward else Kind.RECV_B
-                        lowered.append(Action(consumer, receive, sent_microbatch))
-                        if message == needed:
-                            break
-            lowered.append(action)
-            if target is not None and stage_rank[target] != rank:
-                lowered.append(Action(stage, send, microbatch))
-        programs.append(tuple(lowered))
-    return tuple(programs)
+def _replica(placement: Placement, rank: int) -> int:
+    """The rank holding the other replica of ``rank``'s stages (itself with one pipeline)."""
+    return placement.num_ranks - 1 - rank if placement.num_pipelines == 2 else rank
 
 
-def _add_reduce_grad(
-    schedule: Schedule, programs: tuple[tuple[Action, ...], ...]
-) -> tuple[tuple[Action, ...], ...]:
-    """Insert REDUCE_GRAD after each stage's last backward, in one order shared by replica pairs."""
-    placement = schedule.placement
-    finished: list[dict[int, int]] = []
-    for program in programs:
-        last: dict[int, int] = {}
-        for position, (stage, kind, _) in enumerate(program):
-            if kind is Kind.B or kind is Kind.W:
-                after_send = position + 1 < len(program) and program[position + 1].kind is Kind.SEND_B
-                last[stage] = position + 1 if after_send else position
-        finished.append(last)
-    result = []
-    for rank, program in enumerate(programs):
-        partner = placement.num_ranks - 1 - rank if placement.num_pipelines == 2 else rank
-        partner_done = {placement.position(stage): at for stage, at in finished[partner].items()}
-        by_position = {placement.position(stage): stage for stage in finished[rank]}
-        order = sorted(
-            by_position,
-            key=lambda pos: (max(finished[rank][by_position[pos]], partner_done.get(pos, 0)), pos),
-        )
-        inserts: dict[int, list[Action]] = defaultdict(list)
-        cursor = 0
-        for position in order:
-            stage = by_position[position]
-            cursor = max(cursor, finished[rank][stage])
-            inserts[cursor].append(Action(stage, Kind.REDUCE_GRAD))
-        lowered: list[Action] = []
-        taken = 0
-        for position in sorted(inserts):
-            lowered += program[taken : position + 1]
-            lowered += inserts[position]
-            taken = position + 1
-        lowered += program[taken:]
-        result.append(tuple(lowered))
-    return tuple(result)
+def _stage_at(placement: Placement, rank: int, position: int) -> int:
+    """The stage of ``rank`` at ``position`` of its pipeline."""
+    return next(stage for stage in placement.rank_stages[rank] if placement.position(stage) == position)
 
 
 def send_completions(lowered: Schedule) -> tuple[dict[Action, tuple[Action, ...]], ...]:

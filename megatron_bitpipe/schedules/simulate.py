@@ -143,7 +143,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, dims: ModelDims | N
     costs = costs or Costs()
     if dims is not None and costs.message_bytes == 0:
         costs = _with_bytes(costs, schedule, dims)
-    events = _run(schedule, costs)
+    events = timeline(schedule, costs)
     sync_events = _syncs(schedule, events, costs)
     ends = [event.end for event in events] + [event.end for event in sync_events]
     makespan = max(ends, default=0.0)
@@ -185,8 +185,9 @@ def peak_activations(schedule: Schedule) -> tuple[int, ...]:
     return tuple(peaks)
 
 
-def _run(schedule: Schedule, costs: Costs) -> list[Event]:
-    """Time every compute action; raise ScheduleError if the programs cannot all finish.
+def timeline(schedule: Schedule, costs: Costs) -> list[Event]:
+    """Time every compute action (each rank's in program order); raise ScheduleError if the
+    programs cannot all finish.
 
     Facts are integers ``(stage * N + microbatch) * 3 + {0: activation, 1: input grad,
     2: weight grad}``; ``ready_at[fact]`` is when the fact exists on its producer's rank.
