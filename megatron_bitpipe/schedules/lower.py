@@ -44,22 +44,31 @@ def lower(schedule: Schedule, *, grad_sync: bool | None = None) -> Schedule:
         grad_sync = schedule.placement.num_pipelines == 2
     placement = schedule.placement
     stage_rank = placement.stage_ranks
-    keyed: list[list[tuple[tuple[float, int, int], Action]]] = [[] for _ in schedule.programs]
+    stages = range(placement.num_stages)
+    send_to = {
+        Kind.F: ([placement.next_stage(stage) for stage in stages], Kind.SEND_F, Kind.RECV_F),
+        Kind.B: ([placement.prev_stage(stage) for stage in stages], Kind.SEND_B, Kind.RECV_B),
+    }
+    send_to[Kind.I] = send_to[Kind.B]
+    width = max(placement.num_ranks, placement.stages_per_pipeline) + 1
+
+    def place(time: float, tier: int, tie: int) -> int:
+        """One integer per point of the order (unit costs make every time an integer)."""
+        return (int(time) * 3 + tier) * width + tie
+
+    keyed: list[list[tuple[int, Action]]] = [[] for _ in schedule.programs]
     last_backward: dict[tuple[int, int], float] = {}
-    for event in timeline(schedule, Costs()):
-        rank, action = event.rank, event.action
+    for rank, action, start, end in timeline(schedule, Costs()):
         stage, kind, microbatch = action
-        keyed[rank].append(((event.start, _COMPUTE, 0), action))
-        if kind is Kind.F:
-            target, send, receive = placement.next_stage(stage), Kind.SEND_F, Kind.RECV_F
-        elif kind is Kind.B or kind is Kind.I:
-            target, send, receive = placement.prev_stage(stage), Kind.SEND_B, Kind.RECV_B
-        else:
-            target = None
+        keyed[rank].append((place(start, _COMPUTE, 0), action))
         if kind is Kind.B or kind is Kind.W:
-            last_backward[(rank, stage)] = event.end
+            last_backward[(rank, stage)] = end
+        if kind is Kind.W:
+            continue
+        targets, send, receive = send_to[kind]
+        target = targets[stage]
         if target is not None and stage_rank[target] != rank:
-            key = (event.end, _MESSAGE, rank)
+            key = place(end, _MESSAGE, rank)
             keyed[rank].append((key, Action(stage, send, microbatch)))
             keyed[stage_rank[target]].append((key, Action(target, receive, microbatch)))
     if grad_sync:
@@ -67,7 +76,7 @@ def lower(schedule: Schedule, *, grad_sync: bool | None = None) -> Schedule:
             position = placement.position(stage)
             partner = _replica(placement, rank)
             partner_end = last_backward[(partner, _stage_at(placement, partner, position))]
-            key = (max(end, partner_end), _SYNC, position)
+            key = place(max(end, partner_end), _SYNC, position)
             keyed[rank].append((key, Action(stage, Kind.REDUCE_GRAD)))
     programs = tuple(tuple(action for _, action in sorted(items)) for items in keyed)
     return schedule.with_programs(programs)

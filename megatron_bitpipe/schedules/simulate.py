@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from megatron_bitpipe.schedules.errors import ScheduleError
 from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
@@ -99,9 +100,8 @@ class Costs:
         return latency + (size / bandwidth if size else 0.0)
 
 
-@dataclass(frozen=True)
-class Event:
-    """One action's simulated (or measured) span on one rank."""
+class Event(NamedTuple):
+    """One action's simulated (or measured) span on one rank (a named tuple: cheap to make)."""
 
     rank: int
     action: Action
