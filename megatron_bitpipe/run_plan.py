@@ -199,6 +199,7 @@ def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str)
     )
     num_microbatches = args.global_batch_size // per_step
     placement, options, virtual_size = _resolve_schedule(args, schedule, pp, num_microbatches)
+    check_features(args, schedule, placement)
     stages = placement.stages_per_pipeline
     _require(args.num_layers is not None, "--num-layers is required")
     _require(
@@ -241,6 +242,36 @@ def _resolve_schedule(
         return looped(pp, vp), {}, vp
     options = _registry_options(args, schedule, vp)
     return _plan(schedule, pp, num_microbatches, options).placement, options, None
+
+
+def check_features(args: argparse.Namespace, schedule: str, placement: Placement) -> None:
+    """Raise ArgumentsError for a Megatron feature the schedule's placement would run wrongly.
+
+    The settings are Megatron-LM's (``num_experts``, ``calculate_per_token_loss``,
+    ``variable_seq_lengths``); one absent from ``args`` counts as off, as in Megatron-LM.
+    """
+    experts = getattr(args, "num_experts", None)
+    _require(
+        not experts or placement.num_pipelines == 1,
+        f"--num-experts {experts}: --pipeline-schedule {schedule} runs two pipeline replicas "
+        "whose expert gradients megatron's expert data-parallel group cannot reduce (it lacks "
+        "the partner rank D-1-r, so the expert copies drift apart); use a one-pipeline schedule",
+    )
+    last = placement.num_ranks - 1
+    loss_ranks = sorted(placement.loss_ranks())
+    _require(
+        not getattr(args, "calculate_per_token_loss", False) or loss_ranks == [last],
+        f"--calculate-per-token-loss: --pipeline-schedule {schedule} computes the loss on "
+        f"pipeline ranks {loss_ranks}, but megatron's finalize_model_grads takes the token count "
+        f"from the last pipeline rank {last} only (gradients would be summed, not averaged); use "
+        "a schedule whose loss heads are on the last rank",
+    )
+    _require(
+        not getattr(args, "variable_seq_lengths", False) or schedule in MEGATRON_SCHEDULES,
+        f"variable_seq_lengths: --pipeline-schedule {schedule} sends every activation in a buffer "
+        "of the one shape --seq-length and --micro-batch-size give, and NCCL does not check "
+        "shapes; use a fixed sequence length or a megatron-* schedule",
+    )
 
 
 def _importable(module: str) -> bool:

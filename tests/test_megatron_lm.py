@@ -23,7 +23,7 @@ from runs import REPO, logged_grad_norms, logged_losses, run, succeeded
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
-from megatron_bitpipe.megatron_lm import arguments, hooks  # noqa: E402
+from megatron_bitpipe.megatron_lm import arguments, cpu, hooks, launcher  # noqa: E402
 from megatron_bitpipe.run_plan import ArgumentsError  # noqa: E402
 from megatron_bitpipe.schedules.placement import bitpipe, looped, vshape  # noqa: E402
 
@@ -98,6 +98,13 @@ def test_bitpipe_memory_option_reaches_the_schedule():
         (["--pipeline-schedule", "bitpipe", "--pipeline-model-parallel-size", "4",
           "--num-layers", "12"], 4, "--num-layers 12 must be divisible by the 8 stages"),
         (["--pipeline-schedule", "none"], 1, "give one schedule"),
+        (["--pipeline-schedule", "chimera", "--pipeline-model-parallel-size", "4",
+          "--num-experts", "4"], 4,
+         "--num-experts 4: --pipeline-schedule chimera runs two pipeline replicas"),
+        (["--pipeline-schedule", "v-half", "--pipeline-model-parallel-size", "4",
+          "--calculate-per-token-loss"], 4,
+         "--calculate-per-token-loss: --pipeline-schedule v-half computes the loss on pipeline "
+         "ranks"),
     ],
 )
 def test_bad_settings_are_one_error_naming_the_setting(extra, world_size, message):
@@ -355,3 +362,53 @@ def test_patched_pretrain_gpt_trains_bitpipe_like_one_process(reference, tmp_pat
         script=str(tmp_path / "pretrain_gpt.py"),
     )
     assert logged_losses(log) == pytest.approx(logged_losses(reference), rel=1e-5)
+
+
+REFUSED_FEATURES = {
+    "--num-experts 4": ("num_experts", 4, "--num-experts 4: --pipeline-schedule bitpipe runs two"),
+    "--calculate-per-token-loss": (
+        "calculate_per_token_loss", True,
+        "--calculate-per-token-loss: --pipeline-schedule bitpipe computes the loss on pipeline "
+        "ranks [0, 1]",
+    ),
+}
+
+
+def megatron_lms_parser(monkeypatch) -> argparse.ArgumentParser:
+    """Megatron-LM's own argument parser, imported from the checkout."""
+    cpu.stub_triton_kernels()
+    monkeypatch.syspath_prepend(CHECKOUT)
+    from megatron.training.arguments import add_megatron_arguments
+
+    return add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+
+
+@needs_checkout
+def test_megatron_lm_reads_the_refused_features_under_the_names_the_launcher_checks(monkeypatch):
+    parser = megatron_lms_parser(monkeypatch)
+    for flags, (name, value, _) in REFUSED_FEATURES.items():
+        assert getattr(parser.parse_known_args(flags.split())[0], name) == value
+        assert getattr(arguments._preparser().parse_known_args(flags.split())[0], name) == value
+
+
+@needs_checkout
+def test_megatron_lm_has_no_flag_for_variable_sequence_lengths(monkeypatch):
+    """Its validate_args sets variable_seq_lengths False: run_plan's rule is for other callers."""
+    parser = megatron_lms_parser(monkeypatch)
+    assert not any("variable-seq" in flag for flag in parser._option_string_actions)
+
+
+@needs_checkout
+def test_pretrain_gpt_with_a_refused_feature_stops_with_one_line_and_status_2(monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("pretrain_gpt.py must not run")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(launcher.runpy, "run_path", must_not_run)
+    for flags, (_, _, message) in REFUSED_FEATURES.items():
+        with pytest.raises(SystemExit) as stopped:
+            launcher.main([f"{CHECKOUT}/pretrain_gpt.py", *TINY, "--pipeline-model-parallel-size",
+                           "2", "--pipeline-schedule", "bitpipe", *flags.split()])
+        assert stopped.value.code == 2, flags
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"megatron_bitpipe: error: {message}"), lines

@@ -6,6 +6,10 @@ the few Megatron-LM settings the schedule rules need straight from the command l
 with ``run_plan`` (the rules our trainer uses) before any process group exists, and returns the
 command line with the virtual stage count the placement needs (V and BitPipe place two stages of
 each pipeline on every rank, which Megatron-LM calls ``--num-virtual-stages-per-pipeline-rank 2``).
+It also reads the Megatron features some placements would run wrongly (``--num-experts`` with two
+pipelines, ``--calculate-per-token-loss`` where the loss is not on the last rank), which
+``run_plan.check_features`` refuses. Megatron-LM has no flag for ``variable_seq_lengths`` (its
+``validate_args`` sets it False), so that rule cannot be reached from its command line.
 """
 
 from __future__ import annotations
@@ -82,9 +86,16 @@ def _preparser() -> argparse.ArgumentParser:
         LAYERS_PER_VIRTUAL_STAGE,
         VIRTUAL_STAGES,
         "--microbatch-group-size-per-virtual-pipeline-stage",  # Megatron-LM's own flag
+        "--num-experts",
     ):
         add(flag, type=int, default=None)
-    for flag in ("--sequence-parallel", "--bf16", "--fp16", "--untie-embeddings-and-output-weights"):
+    for flag in (
+        "--sequence-parallel",
+        "--bf16",
+        "--fp16",
+        "--untie-embeddings-and-output-weights",
+        "--calculate-per-token-loss",
+    ):
         add(flag, action="store_true")
     for flag in REFUSED:
         add(flag, default=None)

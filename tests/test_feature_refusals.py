@@ -1,0 +1,113 @@
+"""Megatron features that some placements would run wrongly are refused before anything starts.
+
+``run_plan.validate_args`` is shared by our trainer and the Megatron-LM launcher, and reads
+Megatron-LM's setting names. Our trainer has none of these flags (its parser stops them as
+unrecognized), so the rules are checked here on a Namespace carrying Megatron-LM's names, as the
+launcher passes them; ``test_megatron_lm.py`` checks them from Megatron-LM's command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from megatron_bitpipe.run_plan import ArgumentsError, RunPlan
+from megatron_bitpipe.schedules import names
+from megatron_bitpipe.train import build_parser, validate_args
+
+TWO_PIPELINES = ["bitpipe", "bitpipe-official", "chimera"]
+ONE_PIPELINE = ["1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-zb", "megatron-1f1b"]
+LOSS_ON_RANK_0 = ["v-min", "v-half", "v-zb", "bitpipe", "bitpipe-official", "chimera"]
+LOSS_ON_LAST_RANK = ["gpipe", "1f1b", "interleaved-1f1b", "breadth-first", "zb-h1", "megatron-1f1b"]
+
+
+def settings(schedule: str, pp: int = 4, **megatron: object) -> argparse.Namespace:
+    """The trainer's defaults for ``schedule`` at PP=``pp``, plus Megatron-LM settings."""
+    args = build_parser().parse_args(
+        ["--pipeline-model-parallel-size", str(pp), "--pipeline-schedule", schedule]
+    )
+    for name, value in megatron.items():
+        setattr(args, name, value)
+    return args
+
+
+def validate(schedule: str, pp: int = 4, **megatron: object) -> list[RunPlan]:
+    return validate_args(settings(schedule, pp, **megatron), world_size=pp)
+
+
+def refusal(schedule: str, pp: int = 4, **megatron: object) -> str:
+    with pytest.raises(ArgumentsError) as raised:
+        validate(schedule, pp, **megatron)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("schedule", TWO_PIPELINES)
+def test_moe_is_refused_with_two_pipeline_replicas(schedule):
+    assert refusal(schedule, num_experts=4) == (
+        f"--num-experts 4: --pipeline-schedule {schedule} runs two pipeline replicas whose "
+        "expert gradients megatron's expert data-parallel group cannot reduce (it lacks the "
+        "partner rank D-1-r, so the expert copies drift apart); use a one-pipeline schedule"
+    )
+
+
+@pytest.mark.parametrize("schedule", ONE_PIPELINE)
+def test_moe_passes_with_one_pipeline(schedule):
+    assert validate(schedule, num_experts=4)[0].schedule == schedule
+
+
+@pytest.mark.parametrize("experts", [None, 0])
+def test_no_experts_means_no_moe_as_in_megatron_lm(experts):
+    assert validate("bitpipe", num_experts=experts)[0].schedule == "bitpipe"
+
+
+@pytest.mark.parametrize("schedule", LOSS_ON_RANK_0)
+def test_per_token_loss_is_refused_where_a_loss_head_is_not_on_the_last_rank(schedule):
+    message = refusal(schedule, calculate_per_token_loss=True)
+    assert message.startswith(
+        f"--calculate-per-token-loss: --pipeline-schedule {schedule} computes the loss on "
+        "pipeline ranks [0"
+    )
+    assert "takes the token count from the last pipeline rank 3 only" in message
+
+
+@pytest.mark.parametrize("schedule", LOSS_ON_LAST_RANK)
+def test_per_token_loss_passes_where_the_loss_is_on_the_last_rank_only(schedule):
+    assert validate(schedule, calculate_per_token_loss=True)[0].schedule == schedule
+
+
+def test_per_token_loss_passes_with_megatrons_interleaved_schedule():
+    args = settings("megatron-interleaved", calculate_per_token_loss=True)
+    args.virtual_pipeline_model_parallel_size = 2
+    assert validate_args(args, world_size=4)[0].virtual_size == 2
+
+
+def test_per_token_loss_passes_with_a_v_on_one_rank():
+    """At PP=1 the V's loss head is on rank 0, which is the last rank."""
+    assert validate("v-half", pp=1, calculate_per_token_loss=True)[0].schedule == "v-half"
+
+
+@pytest.mark.parametrize("schedule", names())
+def test_variable_sequence_lengths_are_refused_with_every_registry_schedule(schedule):
+    assert refusal(schedule, variable_seq_lengths=True).startswith(
+        f"variable_seq_lengths: --pipeline-schedule {schedule} sends every activation in a "
+        "buffer of the one shape --seq-length and --micro-batch-size give"
+    )
+
+
+def test_variable_sequence_lengths_pass_with_megatrons_own_1f1b():
+    assert validate("megatron-1f1b", variable_seq_lengths=True)[0].schedule == "megatron-1f1b"
+
+
+def test_each_schedule_of_a_list_is_checked():
+    message = refusal("1f1b,bitpipe", num_experts=4)
+    assert message.startswith("--num-experts 4: --pipeline-schedule bitpipe")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"num_experts": 4}, {"calculate_per_token_loss": True}, {"variable_seq_lengths": True}],
+    ids=["moe", "per-token-loss", "variable-seq-lengths"],
+)
+def test_each_refusal_is_one_line(setting):
+    assert "\n" not in refusal("bitpipe", **setting)
