@@ -9,15 +9,23 @@ first step, where bidirectional schedules hang (``runtime.nccl_rules``). Our tra
 Megatron-LM launcher call it after building the model; ``forward_backward_func`` calls it on
 its first use for code that did not.
 
+Channel groups get the run's timeout (``group_timeout``, default the default group's) and, on
+NCCL, high-priority streams. torch hands streams out in turn from a pool of 32 per priority, so
+a process may hold at most 32 channels at once (``STREAM_POOL_SIZE``): ``setup_communication``
+refuses more, and ``release_communication`` destroys a schedule's channels when its run ends
+(our trainer calls it after each schedule of a comma list).
+
 ``p2p_for_step`` builds the step's ``P2P``: receive buffers of the activation shape with
-``pipeline_dtype`` on the compute device, waits that never block the host on NCCL (one
-``Watchdog`` per process keeps the timeouts), and the channels made here.
+``pipeline_dtype`` on the compute device, sends checked against that shape and dtype on the host,
+waits that never block the host on NCCL (one ``Watchdog`` per process keeps the timeouts), and
+the channels made here.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -33,7 +41,12 @@ from megatron_bitpipe.runtime import (
     initialize_communicators,
     step_communicators,
 )
-from megatron_bitpipe.runtime.p2p import DEFAULT_TIMEOUT_S, Waits
+from megatron_bitpipe.runtime.channels import (
+    STREAM_POOL_SIZE,
+    CommunicatorSetupError,
+    destroy_groups,
+)
+from megatron_bitpipe.runtime.p2p import DEFAULT_TIMEOUT_S, MessageSpec, Waits
 from megatron_bitpipe.schedules.ir import Action
 from megatron_bitpipe.schedules.placement import Placement
 
@@ -47,6 +60,8 @@ class _Communication:
         default_factory=dict
     )
     initialized: set[tuple[Any, ...]] = field(default_factory=set)
+    groups: dict[tuple[Any, ...], list[dist.ProcessGroup]] = field(default_factory=dict)
+    """Each setup's channel groups of this process, in the global initialization order."""
     watchdog: Watchdog | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
 
@@ -60,12 +75,19 @@ def _key(placement: Placement) -> tuple[Any, ...]:
 
 
 def setup_communication(
-    placement: Placement, groups: Any = None, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    placement: Placement,
+    groups: Any = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    group_timeout: timedelta | None = None,
 ) -> None:
     """Create the channels and initialize every communicator of a step (collective, once).
 
     ``groups`` is the ``mcore.groups.GradientGroups`` the chunks were wrapped with (None: the
-    gradient group is left to its first use). Every process calls this at the same point.
+    gradient group is left to its first use). ``timeout_s`` bounds each wait of a step;
+    ``group_timeout`` is the channel groups' NCCL timeout (default: the default group's).
+    Every process calls this at the same point. Raises ``CommunicatorSetupError`` on every rank
+    when a rank would hold more than ``STREAM_POOL_SIZE`` channels.
     """
     _STATE.timeout_s = timeout_s
     key = _key(placement)
@@ -74,12 +96,19 @@ def setup_communication(
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     own_pipeline = dist.get_process_group_ranks(pp_group)
     me = dist.get_rank()
-    pipelines = sorted({tuple(ranks) for ranks in _everyone(own_pipeline)})
     channels = [spec for spec in step_communicators(placement) if spec.sender is not None]
-    created = create_groups([spec.on(ranks) for ranks in pipelines for spec in channels])
     mine = {(spec.sender, spec.receiver): spec.on(own_pipeline) for spec in channels}
     own = {pair: spec for pair, spec in mine.items() if me in spec.ranks}
+    would_hold = held_channels() + len(own)
+    everyone = _everyone((tuple(own_pipeline), would_hold))
+    check_stream_pool(placement, [count for _, count in everyone])
+    pipelines = sorted({ranks for ranks, _ in everyone})
+    created = create_groups(
+        [spec.on(ranks) for ranks in pipelines for spec in channels], timeout=group_timeout
+    )
     _STATE.channels[key] = {pair: created[spec.name] for pair, spec in own.items()}
+    ordered = sorted(own.values(), key=lambda spec: spec.key)
+    _STATE.groups[key] = [created[spec.name] for spec in ordered]
     entries = [(spec, created[spec.name]) for spec in own.values()]
     entries += [
         entry
@@ -92,6 +121,40 @@ def setup_communication(
     ]
     initialize_communicators(entries, device=compute_device(), timeout_s=timeout_s)
     _STATE.initialized.add(key)
+
+
+def held_channels() -> int:
+    """Channel groups this process holds now, over every placement set up and not released."""
+    return sum(len(groups) for groups in _STATE.groups.values())
+
+
+def check_stream_pool(placement: Placement, would_hold: Sequence[int]) -> None:
+    """Raise ``CommunicatorSetupError`` if any rank (``would_hold[rank]``: its channels after
+    this setup) would hold more channels than torch's stream pool has streams."""
+    worst = max(range(len(would_hold)), key=lambda rank: would_hold[rank])
+    if would_hold[worst] <= STREAM_POOL_SIZE:
+        return
+    raise CommunicatorSetupError(
+        f"{placement.kind} placement at pipeline-model-parallel-size {placement.num_ranks}: rank "
+        f"{worst} would hold {would_hold[worst]} p2p channels at once, but each takes one of the "
+        f"{STREAM_POOL_SIZE} high-priority CUDA streams torch pools per GPU and two channels on "
+        f"one stream can hang; release a schedule's channels (release_communication) when it ends"
+    )
+
+
+def release_communication() -> None:
+    """Destroy every channel group this process holds and forget every setup (collective:
+    every process calls it at the same point, after its last step on those channels).
+
+    Setups are undone in the order they were made, each in the global initialization order,
+    which every member of a channel shares. The watchdog first forgets the works that
+    completed, so it never queries a work of a destroyed communicator."""
+    if _STATE.watchdog is not None:
+        _STATE.watchdog.release_completed()
+    for key in list(_STATE.groups):
+        destroy_groups(_STATE.groups.pop(key))
+    _STATE.channels.clear()
+    _STATE.initialized.clear()
 
 
 def _everyone(value: Any) -> list[Any]:
@@ -137,6 +200,7 @@ def p2p_for_step(
         placement,
         pp_rank,
         lambda action: torch.empty(shape, dtype=dtype, device=device),
+        expected=MessageSpec(tuple(shape), dtype),
         group=pp_group,
         channels=_STATE.channels[_key(placement)],
         timeout_s=_STATE.timeout_s,

@@ -10,7 +10,11 @@ rank's program with the runtime Executor, then finalize gradients (finish the re
 data-parallel reductions the REDUCE_GRAD actions started, tie local embeddings) and return the
 loss dicts of every microbatch on ranks that compute a loss ([] elsewhere), in microbatch order.
 After the first call the step makes no host synchronization: receives, sends and the loss
-reduction only order the device's streams (``communication``, ``losses``).
+reduction only order the device's streams (``communication``, ``losses``). DDP's gradient checks
+(``check_for_nan_in_grad``, ``check_for_large_grads``), which megatron runs with a host sync at
+every bucket's reduction (each REDUCE_GRAD), run once per step after finalize instead, on the
+reduced gradients: a NaN or Inf of any rank's contribution reaches the reduced sum. Steps run
+inside ``tracing()`` time their actions with CUDA events; others with host time, at no device cost.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_model_config
 
 from megatron_bitpipe.mcore import communication
@@ -69,9 +74,20 @@ class _State:
     choice: ScheduleChoice | None = None
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
     last_executor: Executor | None = None
+    trace: bool = False
 
 
 _STATE = _State()
+
+
+@contextlib.contextmanager
+def tracing(enabled: bool = True) -> Iterator[None]:
+    """Steps run inside time their actions with CUDA events (GPU time in the trace)."""
+    previous, _STATE.trace = _STATE.trace, enabled
+    try:
+        yield
+    finally:
+        _STATE.trace = previous
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,15 +164,18 @@ def forward_backward_func(
     dtype = config.pipeline_dtype or config.params_dtype
     completions = _send_completions(choice, pp_group.size(), num_microbatches)[pp_rank]
     p2p = communication.p2p_for_step(placement, pp_rank, shape, dtype, completions)
-    executor = Executor(placement, pp_rank, callbacks, p2p, clock=default_clock())
+    clock = default_clock(trace=_STATE.trace)
+    executor = Executor(placement, pp_rank, callbacks, p2p, clock=clock)
     _STATE.last_executor = executor
     if forward_only:
         with torch.no_grad():
             executor.run(forward_program(program), forward_only=True)
     else:
-        with _no_sync(chunks):
-            executor.run(program)
-        _finalize(chunks, placement, config, callbacks, pg_collection, force_all_reduce)
+        with _grad_checks_deferred(chunks) as checks:
+            with _no_sync(chunks):
+                executor.run(program)
+            _finalize(chunks, placement, config, callbacks, pg_collection, force_all_reduce)
+        check_grads(chunks, *checks)
     if config.timers is not None:
         config.timers("forward-backward").stop()
     return reduce_losses(
@@ -263,6 +282,64 @@ def _no_sync(chunks: list[Any]) -> contextlib.ExitStack:
         if hasattr(chunk, "no_sync"):
             stack.enter_context(chunk.no_sync())
     return stack
+
+
+@contextlib.contextmanager
+def _grad_checks_deferred(chunks: list[Any]) -> Iterator[tuple[bool, bool]]:
+    """Switch DDP's per-bucket gradient checks off for the step; yield (nan_or_inf, large): the
+    checks any chunk's config asked for, which ``check_grads`` then runs once."""
+    configs = {id(c.ddp_config): c.ddp_config for c in chunks if hasattr(c, "ddp_config")}
+    saved = [
+        (config, config.check_for_nan_in_grad, config.check_for_large_grads)
+        for config in configs.values()
+    ]
+    checks = (any(nan for _, nan, _ in saved), any(large for _, _, large in saved))
+    for config, _, _ in saved:
+        config.check_for_nan_in_grad = config.check_for_large_grads = False
+    try:
+        yield checks
+    finally:
+        for config, nan, large in saved:
+            config.check_for_nan_in_grad, config.check_for_large_grads = nan, large
+
+
+def check_grads(chunks: list[Any], nan_or_inf: bool, large: bool) -> None:
+    """megatron's DDP gradient checks with one host sync: on the norm of every bucket of every
+    chunk together (float64), through megatron's rerun state machine (fatal for NaN and Inf)."""
+    if not (nan_or_inf or large):
+        return
+    buffers = [
+        buffer
+        for chunk in chunks
+        for name in ("buffers", "expert_parallel_buffers")
+        for buffer in getattr(chunk, name, ())
+    ]
+    norms = [bucket.grad_data.norm(p=2).float() for buffer in buffers for bucket in buffer.buckets]
+    if not norms:
+        return
+    total = torch.stack(norms).double().square().sum().sqrt()
+    norm = torch.tensor(total.item(), dtype=torch.float64)
+    machine = get_rerun_state_machine()
+    where = "local grad norm of this rank's chunks after the step's gradient reductions"
+    if nan_or_inf:
+        for reject, found in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            machine.validate_result(
+                result=norm,
+                rejection_func=reject,
+                message=f"found {found} in the {where}",
+                tolerance=0.001,
+                fatal=True,
+            )
+    if large:
+        machine.validate_result(
+            result=norm,
+            rejection_func=functools.partial(
+                machine.is_unexpectedly_large, threshold=10, context="grads"
+            ),
+            message=f"found unexpectedly large grads in the {where}",
+            tolerance=0.001,
+            fatal=False,
+        )
 
 
 def _finalize(

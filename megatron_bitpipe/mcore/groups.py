@@ -3,12 +3,13 @@
 Single-pipeline placements: the ordinary data-parallel group. Bidirectional placements (Chimera,
 BitPipe): every stage lives on pipeline rank ``r`` and on its partner (``D-1-r``), so the group is
 that replica pair times the data-parallel ranks of both (notes/bitpipe.md 1.2, 1.8). Groups are
-created with ``new_group`` in one sorted order on every rank.
+created with ``new_group`` in one sorted order on every rank, with the run's timeout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_bitpipe.mcore import compat
 from megatron_bitpipe.mcore.model import global_parameter_names, unwrap
+from megatron_bitpipe.runtime.channels import default_group_timeout
 from megatron_bitpipe.schedules.placement import Placement
 
 
@@ -65,8 +67,14 @@ def replica_partner(placement: Placement, pp_rank: int) -> int:
     return partners.pop()
 
 
-def create_gradient_groups(placement: Placement) -> GradientGroups:
-    """Build (collectively, on every rank) the gradient groups of ``placement``."""
+def create_gradient_groups(
+    placement: Placement, *, timeout: timedelta | None = None
+) -> GradientGroups:
+    """Build (collectively, on every rank) the gradient groups of ``placement``.
+
+    New groups get ``timeout`` (default: the default group's, i.e. the run's); a single
+    pipeline uses megatron's data-parallel group, which has the run's timeout already.
+    """
     data_parallel = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if placement.num_pipelines == 1:
         return GradientGroups(
@@ -88,8 +96,9 @@ def create_gradient_groups(placement: Placement) -> GradientGroups:
     )
     own_rank = dist.get_rank()
     own = None
+    timeout = timeout or default_group_timeout()
     for ranks in groups:
-        group = dist.new_group(list(ranks))
+        group = dist.new_group(list(ranks), timeout=timeout)
         if own_rank in ranks:
             own = (group, ranks)
     assert own is not None

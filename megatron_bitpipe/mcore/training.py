@@ -34,7 +34,11 @@ from megatron_bitpipe.mcore import (
     forward_backward,
     guards,
 )
-from megatron_bitpipe.mcore.communication import WAITS_VARIABLE, setup_communication
+from megatron_bitpipe.mcore.communication import (
+    WAITS_VARIABLE,
+    release_communication,
+    setup_communication,
+)
 from megatron_bitpipe.mcore.data import MockGPTData, forward_step
 from megatron_bitpipe.mcore.export import full_parameters, gather_to_first_rank
 from megatron_bitpipe.mcore.groups import (
@@ -149,8 +153,14 @@ def _setup_seconds(args: argparse.Namespace) -> float:
     return args.distributed_timeout_minutes * 60.0
 
 
+def _group_timeout(args: argparse.Namespace) -> timedelta:
+    """The timeout of every process group: ``--distributed-timeout-minutes``."""
+    return timedelta(minutes=args.distributed_timeout_minutes)
+
+
 def _run_schedule(session: _Session) -> None:
-    """Train, evaluate, check the replicas, save; uninstall the schedule afterwards."""
+    """Train, evaluate, check the replicas, save; uninstall the schedule and destroy its
+    channels afterwards (the next schedule of a comma list makes its own)."""
     args, plan = session.args, session.plan
     losses, first_gradients = _train(session)
     if plan.uses_registry:
@@ -178,6 +188,7 @@ def _run_schedule(session: _Session) -> None:
             }
             torch.save(saved, plan.output_path(args.save_params))
     forward_backward.uninstall()
+    release_communication()
 
 
 def _check_stash_against_simulation(session: _Session) -> None:
@@ -211,7 +222,7 @@ def _build(args: argparse.Namespace, plan: RunPlan, deadline: Deadline) -> _Sess
     # before Float16Module and DDP: DDP allocates its buffers on the chunk's current device
     device = cpu.compute_device()
     chunks = wrap_half_precision([chunk.to(device) for chunk in chunks], config)
-    groups = create_gradient_groups(plan.placement)
+    groups = create_gradient_groups(plan.placement, timeout=_group_timeout(args))
     assert_replicas_identical(chunks, groups)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -227,7 +238,12 @@ def _build(args: argparse.Namespace, plan: RunPlan, deadline: Deadline) -> _Sess
     optimizer = _optimizer(args, model, plan)
     config.grad_scale_func = optimizer.scale_loss
     if plan.uses_registry:
-        setup_communication(plan.placement, groups, timeout_s=args.step_timeout_seconds)
+        setup_communication(
+            plan.placement,
+            groups,
+            timeout_s=args.step_timeout_seconds,
+            group_timeout=_group_timeout(args),
+        )
     step = _forward_backward_func(plan)
     return _Session(args, plan, model, optimizer, groups, step, deadline)
 
@@ -250,7 +266,8 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
         step_phase = guards.step_phase(session.deadline, iteration, args.step_timeout_seconds)
-        with step_phase, diagnostics.step_checks(args, iteration, session.findings):
+        checks = diagnostics.step_checks(args, iteration, session.findings)
+        with step_phase, checks, forward_backward.tracing(bool(traced)):
             faults.trigger("step", rank=dist.get_rank(), iteration=iteration)
             reported = session.run_step(data_iterator, forward_only=False)
         loss = _average_loss(reported)
@@ -340,7 +357,7 @@ def _init_distributed(args: argparse.Namespace) -> None:
         os.environ.setdefault(WAITS_VARIABLE, "watchdog")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = timedelta(minutes=args.distributed_timeout_minutes)
+    timeout = _group_timeout(args)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

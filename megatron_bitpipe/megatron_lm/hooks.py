@@ -21,6 +21,11 @@ by name); no Megatron-LM file is edited.
   Both replicas of a stage hand their parameters over in one order (stage position).
 * grad norm: ``param.shared`` on the up replica (optimizer.py:136), so each stage counts once
   (``mcore.groups.mark_replica_duplicates``, inside ``get_model``).
+* process groups: the gradient groups and our p2p channels take ``--distributed-timeout-minutes``
+  as Megatron-LM's own groups do.
+* gradient checks: ``--check-for-nan-in-loss-and-grad`` / ``--check-for-large-grads`` reach DDP's
+  config as in Megatron-LM; our ``forward_backward_func`` runs them once per step after finalize
+  (one host sync) instead of at every REDUCE_GRAD (``mcore.forward_backward.check_grads``).
 * donated buffers: ``torch._functorch.config.donated_buffer`` off for schedules that split the
   backward, which run autograd twice over compiled fusions (bias-dropout); a study saw
   "compiled with non-empty donated buffers" there (not reproduced since).
@@ -33,6 +38,7 @@ clear error until their hooks are written and checked.
 from __future__ import annotations
 
 import functools
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -218,14 +224,17 @@ def get_model(
     chunks = wrap_half_precision([chunk.to(compute_device()) for chunk in chunks], config)
     if not wrap_with_ddp:
         return chunks
-    gradient_groups = groups.create_gradient_groups(run.placement)
+    group_timeout = timedelta(minutes=args.distributed_timeout_minutes)
+    gradient_groups = groups.create_gradient_groups(run.placement, timeout=group_timeout)
     ddp_config = _ddp_config(args, sum(p.numel() for c in chunks for p in c.parameters()))
     model = groups.wrap_ddp(chunks, config, ddp_config, gradient_groups)
     groups.mark_replica_duplicates(
         model, run.placement, distributed_optimizer=args.use_distributed_optimizer
     )
     if run.uses_registry:
-        communication.setup_communication(run.placement, gradient_groups)
+        communication.setup_communication(
+            run.placement, gradient_groups, group_timeout=group_timeout
+        )
     return model
 
 

@@ -104,19 +104,65 @@ def initialization_order(specs: Iterable[CommunicatorSpec], rank: int) -> list[C
     return sorted((spec for spec in specs if rank in spec.ranks), key=lambda spec: spec.key)
 
 
-def create_groups(specs: Sequence[CommunicatorSpec]) -> dict[str, dist.ProcessGroup]:
+STREAM_POOL_SIZE = 32
+"""CUDA streams per priority in torch's pool (c10 ``kStreamsPerPool``), handed out in turn: a
+process holding more channels than this gives two of them one stream, where a send can queue
+behind a receive of another channel and hang."""
+
+
+def create_groups(
+    specs: Sequence[CommunicatorSpec], *, timeout: timedelta | None = None
+) -> dict[str, dist.ProcessGroup]:
     """``new_group`` for every spec (global ranks), in order; the caller's groups by name.
 
-    Collective: every process calls it with the same list.
+    Collective: every process calls it with the same list. Each group gets ``timeout`` (default:
+    the default group's, which ``init_process_group`` took from the run's timeout) and, on
+    NCCL, a high-priority stream (``channel_options``).
     """
     me = dist.get_rank()
+    timeout = timeout or default_group_timeout()
     own: dict[str, dist.ProcessGroup] = {}
     for spec in specs:
-        group = dist.new_group(list(spec.ranks), group_desc=spec.name.replace(" ", "_"))
+        group = dist.new_group(
+            list(spec.ranks),
+            timeout=timeout,
+            pg_options=channel_options(timeout),
+            group_desc=spec.name.replace(" ", "_"),
+        )
         if me in spec.ranks:
             own[spec.name] = group
     logger.debug("rank %d: created %d of %d communicators", me, len(own), len(specs))
     return own
+
+
+def channel_options(timeout: timedelta | None) -> object | None:
+    """NCCL options with a high-priority stream (torch's second pool of 32); None elsewhere."""
+    if dist.get_backend() != "nccl":
+        return None
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    if timeout is not None:
+        options._timeout = timeout
+    return options
+
+
+def default_group_timeout() -> timedelta | None:
+    """The timeout the default process group was created with; None where torch does not say."""
+    group = dist.distributed_c10d._get_default_group()
+    for device_type in getattr(group, "_device_types", ()):
+        try:
+            timeout = group._get_backend(device_type).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(timeout, timedelta):
+            return timeout
+    return None
+
+
+def destroy_groups(groups: Iterable[dist.ProcessGroup]) -> None:
+    """``destroy_process_group`` each group, in the order given: pass them in the global
+    initialization order on every member, since some NCCL versions shut down collectively."""
+    for group in groups:
+        dist.destroy_process_group(group)
 
 
 def initialize_communicators(
@@ -156,19 +202,22 @@ def initialize_communicators(
 
 
 def build_channels(
-    pairs: Iterable[tuple[int, int]], pipelines: list[list[int]] | None = None
+    pairs: Iterable[tuple[int, int]],
+    pipelines: list[list[int]] | None = None,
+    *,
+    timeout: timedelta | None = None,
 ) -> dict[tuple[int, int], dist.ProcessGroup]:
     """Create one group per ordered pair, for every pipeline; return the calling rank's by pair.
 
     Collective: every process of the default group calls it with the same arguments.
     ``pipelines`` lists the global ranks of each pipeline-parallel group (default: one pipeline,
-    the whole world, pipeline rank = global rank).
+    the whole world, pipeline rank = global rank); ``timeout`` as in ``create_groups``.
     """
     if pipelines is None:
         pipelines = [list(range(dist.get_world_size()))]
     pairs = sorted(set(pairs))
     specs = [channel(*pair).on(ranks) for ranks in pipelines for pair in pairs]
-    groups = create_groups(specs)
+    groups = create_groups(specs, timeout=timeout)
     me = dist.get_rank()
     own: dict[tuple[int, int], dist.ProcessGroup] = {}
     for ranks in pipelines:

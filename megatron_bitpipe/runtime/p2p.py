@@ -4,8 +4,11 @@ A RECV action posts a non-blocking ``irecv`` into a buffer from ``make_buffer(ac
 consuming compute waits on it. A SEND action is an ``isend`` whose handle, and so its payload, is
 kept until the send is known complete: when a message arrives that the peer sent after posting
 the matching receive (``completions``, from ``schedules.lower.send_completions``), when the
-backend reports it done (NCCL; gloo only after a wait), or at the latest in ``finish``. No tags are relied on (NCCL ignores them):
-``lower`` already orders the receives from one peer as that peer sends.
+backend reports it done (NCCL; gloo only after a wait; every completed send is freed, not only
+the oldest), or at the latest in ``finish``. With ``expected`` (``MessageSpec``), a payload whose
+shape or dtype differs from the receive buffer's is refused on the host before it is posted.
+No tags are relied on (NCCL ignores them): ``lower`` already orders the receives from one peer as
+that peer sends.
 
 Every wait has a timeout whose error names the rank, the peer and the action, e.g.
 ``rank 2: timed out after 30 s waiting for RECV_F of stage 5 microbatch 3 from rank 1``.
@@ -33,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,13 @@ DEFAULT_TIMEOUT_S = 300.0
 Channels = Mapping[tuple[int, int], dist.ProcessGroup]
 """One process group per (sender, receiver) pipeline-rank pair."""
 Waits = Literal["blocking", "watchdog"]
+
+
+class MessageSpec(NamedTuple):
+    """The shape and dtype of every receive buffer (both ends build them the same way)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @dataclass
@@ -74,6 +84,8 @@ class P2P:
             does not wait; ``watchdog`` enforces the timeout).
         watchdog: the Watchdog of ``waits="watchdog"`` (default: a new one).
         completions: RECV action -> this rank's SEND actions complete once it has arrived.
+        expected: the shape and dtype of the peer's receive buffer; ``send`` refuses a payload
+            that differs (NCCL does not check: a mismatch corrupts or hangs). Host metadata only.
     """
 
     def __init__(
@@ -88,6 +100,7 @@ class P2P:
         waits: Waits = "blocking",
         watchdog: Watchdog | None = None,
         completions: Mapping[Action, Sequence[Action]] | None = None,
+        expected: MessageSpec | None = None,
     ) -> None:
         if waits not in ("blocking", "watchdog"):
             raise ValueError(f"waits must be 'blocking' or 'watchdog', got {waits!r}")
@@ -100,6 +113,7 @@ class P2P:
         self.waits = waits
         self.watchdog = None if waits == "blocking" else (watchdog or Watchdog())
         self.completions = completions or {}
+        self.expected = None if expected is None else MessageSpec(tuple(expected[0]), expected[1])
         self.held_bytes = 0
         """Bytes of send payloads kept alive now (until each send is known complete)."""
         self.peak_held_bytes = 0
@@ -153,6 +167,7 @@ class P2P:
         if action in self._sends:
             raise RuntimeError(f"rank {self.rank}: {action} sent twice")
         peer = self.peer_of(action)
+        self._check_message(action, peer, tensor)
         payload = tensor.detach().contiguous()
         try:
             work = self._start_send(payload, peer)
@@ -170,15 +185,16 @@ class P2P:
             self.held_bytes -= message.tensor.nbytes
 
     def release_completed(self) -> None:
-        """Drop the oldest sends while they are known complete (NCCL reports completion; gloo
-        only after a wait, so there this waits for nothing and keeps them for ``finish``); with
-        a watchdog, forget the waited works that completed; raise a missed deadline."""
-        sends = self._sends
-        while sends:
-            action = next(iter(sends))
-            work = sends[action].work
-            if work is not None and not work.is_completed():
-                break
+        """Drop every send known complete, wherever it is in sending order (NCCL reports
+        completion; gloo only after a wait, so there this frees nothing and keeps them for
+        ``finish``); with a watchdog, forget the waited works that completed; raise a missed
+        deadline."""
+        completed = [
+            action
+            for action, message in self._sends.items()
+            if message.work is None or message.work.is_completed()
+        ]
+        for action in completed:
             self.complete_send(action)
         if self.watchdog is not None:
             self.watchdog.release_completed()
@@ -194,6 +210,18 @@ class P2P:
         receives = [f"{m.action} from rank {m.peer}" for m in self._receives.values()]
         sends = [f"{m.action} to rank {m.peer}" for m in self._sends.values()]
         return receives + sends
+
+    def _check_message(self, action: Action, peer: int, tensor: torch.Tensor) -> None:
+        """Raise ``P2PError`` if ``tensor`` is not what the peer's receive buffer holds."""
+        expected = self.expected
+        if expected is None:
+            return
+        if tuple(tensor.shape) == expected.shape and tensor.dtype == expected.dtype:
+            return
+        raise P2PError(
+            f"rank {self.rank}: {action} to rank {peer} sends shape {tuple(tensor.shape)} "
+            f"{tensor.dtype}, but the receive buffer is {expected.shape} {expected.dtype}"
+        )
 
     def _failure(self, action: Action, peer: int, preposition: str, error: Exception) -> P2PError:
         """The error of posting ``action``: names the rank, the message and the peer."""

@@ -12,6 +12,10 @@ hands the work to a ``Watchdog``:
   the failure. The main thread raises it (``P2PTimeoutError``) at its next ``check``; if it does
   not get there within ``grace_s`` (it is stuck in a CUDA call behind the hung kernel), the thread
   prints the message and ends the process through ``on_hang``.
+
+The thread polls on the CUDA device that was current when it started (``torch.cuda.set_device``
+in the thread): a thread starts on device 0, and a query from there would create a context on
+GPU 0 for every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Protocol
+
+import torch
 
 from megatron_bitpipe.runtime.errors import P2PTimeoutError
 
@@ -58,6 +64,14 @@ def kill_children() -> None:
             pass
 
 
+def current_cuda_device() -> int | None:
+    """The calling thread's CUDA device, or None where this process has not initialized CUDA
+    (the query then creates no context)."""
+    if not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.current_device()
+
+
 class Watchdog:
     """Deadlines for works the host does not wait for; one daemon thread, started on first use."""
 
@@ -90,7 +104,10 @@ class Watchdog:
         with self._lock:
             self._watched.append((work, self._clock() + timeout_s, message))
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="bitpipe-watchdog", daemon=True)
+            device = current_cuda_device()
+            self._thread = threading.Thread(
+                target=self._run, args=(device,), name="bitpipe-watchdog", daemon=True
+            )
             self._thread.start()
 
     def release_completed(self) -> None:
@@ -116,7 +133,9 @@ class Watchdog:
             self._thread.join()
             self._thread = None
 
-    def _run(self) -> None:
+    def _run(self, device: int | None) -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
         found_at = 0.0
         while not self._stopped.wait(self.poll_s):
             if self._reported:
