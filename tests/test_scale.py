@@ -299,6 +299,41 @@ def test_sbatch_script_passes_bash_n_and_carries_the_configs_arguments(tmp_path)
     assert "$MEGATRON_LM_PATH/pretrain_gpt.py" in words and "--bf16" in words
 
 
+@pytest.mark.parametrize(
+    ("tensor_parallel", "extra_args", "needed"),
+    [
+        (1, (), None),
+        (2, (), "tensor parallel 2"),
+        (1, ("--context-parallel-size", "2"), "context parallel 2"),
+        (2, ("--context-parallel-size=4",), "tensor parallel 2 and context parallel 4"),
+        (2, ("--tensor-model-parallel-size", "1"), None),
+    ],
+)
+def test_one_cuda_connection_only_with_tensor_or_context_parallelism(tmp_path, tensor_parallel, extra_args, needed):
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 is exported, with Megatron-LM's reason, exactly when the
+    trainer's last tensor/context-parallel flag is above 1; otherwise the script says why not."""
+    launch = replace(config.load_launch(launch_file(tmp_path, tensor_parallel=tensor_parallel)),
+                     extra_args=extra_args)
+    script = slurm.sbatch_script(launch)
+    path = write(tmp_path, "job.sbatch", script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    if shutil.which("shellcheck"):
+        assert subprocess.run(["shellcheck", "-S", "style", str(path)]).returncode == 0
+    comments = " ".join(line[2:] for line in script.splitlines() if line.startswith("# "))
+    exports = [line for line in script.splitlines() if line.startswith("export CUDA_DEVICE_MAX_CONNECTIONS")]
+    if needed is None:
+        assert exports == [] and slurm.connection_setting(launch) is None
+        assert "CUDA_DEVICE_MAX_CONNECTIONS is left alone" in comments
+        assert "where a pipeline send waiting for its receive blocks all later work" in comments
+    else:
+        assert exports == ["export CUDA_DEVICE_MAX_CONNECTIONS=1"]
+        assert "Megatron-LM asserts 1 with tensor or context parallelism on Hopper" in comments
+        assert f"this job has {needed}" in comments
+        assert script.index(exports[0]) < script.index("srun ")
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=3" in script
+    assert all(len(line) <= 96 for line in script.splitlines() if line.startswith("#") and "SBATCH" not in line)
+
+
 def test_launch_print_writes_nothing_and_slurm_writes_the_script(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = launch_file(tmp_path, launcher="trainer")

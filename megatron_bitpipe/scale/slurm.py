@@ -12,21 +12,59 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import textwrap
 from typing import Sequence
 
 from megatron_bitpipe.scale.config import LaunchConfig
 
 MASTER_PORT = 29500
 NCCL_SETTINGS = (
-    ("CUDA_DEVICE_MAX_CONNECTIONS", "1",
-     "Megatron-LM asks for 1 so tensor-parallel communication is ordered before compute "
-     "(sequence parallel, TP overlap); the executor itself needs no particular value"),
     ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3",
      "a failed or timed-out collective tears the process down instead of hanging the job"),
     ("NCCL_DEBUG", "${NCCL_DEBUG:-WARN}", "INFO prints the topology NCCL found (rings, NVLink, IB)"),
     ("NCCL_IB_TIMEOUT", "${NCCL_IB_TIMEOUT:-22}", "InfiniBand retry timeout (4.096 us x 2^22): rides out link flaps"),
 )
 """Environment of every job: (name, value, why)."""
+
+ONE_CONNECTION_WHY = (
+    "Megatron-LM asserts 1 with tensor or context parallelism on Hopper and earlier GPUs "
+    "(megatron/training/arguments.py), so their communication kernels queue before the compute "
+    "they overlap; this job has {parallel}"
+)
+DEFAULT_CONNECTIONS_WHY = (
+    "CUDA_DEVICE_MAX_CONNECTIONS is left alone (CUDA's default is 8 hardware queues): no tensor "
+    "or context parallelism here, and with 1 every stream of a GPU shares one hardware queue, "
+    "where a pipeline send waiting for its receive blocks all later work"
+)
+
+
+def connection_setting(launch: LaunchConfig) -> tuple[str, str, str] | None:
+    """``("CUDA_DEVICE_MAX_CONNECTIONS", "1", why)`` when ``launch`` needs one connection, else None.
+
+    Needed when the tensor- or context-parallel size the trainer reads is above 1: the last
+    ``--tensor-model-parallel-size`` / ``--context-parallel-size`` of its arguments, as argparse
+    reads them (the layout's ``tensor_parallel``, then ``extra_args``).
+    """
+    arguments = training_arguments(launch)
+    sizes = {
+        "tensor": _last_int(arguments, "--tensor-model-parallel-size"),
+        "context": _last_int(arguments, "--context-parallel-size"),
+    }
+    parallel = [f"{kind} parallel {size}" for kind, size in sizes.items() if size > 1]
+    if not parallel:
+        return None
+    return ("CUDA_DEVICE_MAX_CONNECTIONS", "1", ONE_CONNECTION_WHY.format(parallel=" and ".join(parallel)))
+
+
+def _last_int(arguments: Sequence[str], flag: str) -> int:
+    """The value of ``flag`` (``FLAG N`` or ``FLAG=N``) last given in ``arguments``; 1 when absent."""
+    value = "1"
+    for index, word in enumerate(arguments):
+        if word == flag and index + 1 < len(arguments):
+            value = arguments[index + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return int(value) if value.isdigit() else 1
 
 
 def training_command(launch: LaunchConfig) -> list[str]:
@@ -127,8 +165,12 @@ def sbatch_script(launch: LaunchConfig, source: str = "") -> str:
         f"mkdir -p {shlex.quote(launch.log_dir)}",
         "",
     ]
-    for variable, value, why in NCCL_SETTINGS:
-        lines += [f"# {why}", f"export {variable}={_shell_word(value)}"]
+    connections = connection_setting(launch)
+    settings = NCCL_SETTINGS if connections is None else (connections, *NCCL_SETTINGS)
+    if connections is None:
+        lines += [*_comment(DEFAULT_CONNECTIONS_WHY), ""]
+    for variable, value, why in settings:
+        lines += [*_comment(why), f"export {variable}={_shell_word(value)}"]
     lines += [
         "",
         "# Rendezvous on the job's first node; torchrun starts one process per GPU on every node.",
@@ -146,6 +188,11 @@ def sbatch_script(launch: LaunchConfig, source: str = "") -> str:
     ]
     lines.append(_continued([*map(_shell_word, torchrun[:3]), *torchrun[3:], *map(_shell_word, command[1:])]))
     return "\n".join(lines) + "\n"
+
+
+def _comment(text: str, width: int = 96) -> list[str]:
+    """``text`` as shell comment lines of at most ``width`` characters."""
+    return [f"# {line}" for line in textwrap.wrap(text, width - 2)]
 
 
 def _continued(words: Sequence[str], width: int = 96) -> str:
