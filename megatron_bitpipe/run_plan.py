@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_bitpipe.runtime import nccl_rules
 from megatron_bitpipe.scale import rank_order
-from megatron_bitpipe.schedules import ScheduleConfigError, build, get, names
+from megatron_bitpipe.schedules import ScheduleConfigError, Schedule, build, get, lower, names
 from megatron_bitpipe.schedules.placement import Placement, looped
 
 MEGATRON_SCHEDULES = ("megatron-1f1b", "megatron-interleaved", "none")
@@ -241,7 +243,36 @@ def _resolve_schedule(
         _plan("interleaved-1f1b", pp, num_microbatches, {"vp": vp, "microbatch_group_size": group})
         return looped(pp, vp), {}, vp
     options = _registry_options(args, schedule, vp)
-    return _plan(schedule, pp, num_microbatches, options).placement, options, None
+    built = _plan(schedule, pp, num_microbatches, options)
+    check_nccl_order(built, os.environ.get(CONNECTIONS_VARIABLE))
+    return built.placement, options, None
+
+
+CONNECTIONS_VARIABLE = "CUDA_DEVICE_MAX_CONNECTIONS"
+CUDA_DEFAULT_CONNECTIONS = 8
+
+
+def check_nccl_order(schedule: Schedule, connections: str | None) -> None:
+    """Raise ArgumentsError if a step of ``schedule``, lowered as the runtime lowers it, could hang
+    on NCCL with ``CUDA_DEVICE_MAX_CONNECTIONS=connections`` (None: CUDA's default of 8).
+
+    ``runtime.nccl_rules`` replays the step under NCCL's and CUDA's rules. The lowering's one
+    global order passes by construction; this refuses whatever would not, before it can hang.
+    """
+    _require(
+        connections is None or (connections.isdigit() and int(connections) >= 1),
+        f"{CONNECTIONS_VARIABLE}={connections}: must be an integer >= 1",
+    )
+    queues = CUDA_DEFAULT_CONNECTIONS if connections is None else int(connections)
+    try:
+        nccl_rules.check_first_step(lower(schedule, grad_sync=True), connections=queues)
+    except (nccl_rules.NcclDeadlock, nccl_rules.NcclMismatch) as error:
+        reason = str(error).split("; ")[0]
+        raise ArgumentsError(
+            f"{CONNECTIONS_VARIABLE}={connections or CUDA_DEFAULT_CONNECTIONS}: --pipeline-schedule "
+            f"{schedule.name} at --pipeline-model-parallel-size {schedule.num_ranks} with "
+            f"{schedule.num_microbatches} microbatches could hang on NCCL ({reason})"
+        ) from None
 
 
 def check_features(args: argparse.Namespace, schedule: str, placement: Placement) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import defaultdict, deque
+
 from megatron_bitpipe.schedules import placement
-from megatron_bitpipe.schedules.ir import B, F, Schedule
+from megatron_bitpipe.schedules.ir import Action, B, F, Kind, Schedule
 
 
 def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
@@ -52,3 +54,46 @@ def bidirectional_gpipe(num_ranks: int, num_microbatches: int) -> Schedule:
         ]
         programs.append(tuple(forwards + backwards))
     return Schedule("bi-gpipe", layout, num_microbatches, pipelines, tuple(programs))
+
+
+def receives_posted_at_use(schedule: Schedule) -> Schedule:
+    """``schedule`` with the receive order lowering had before its one global order: each rank
+    posts the receives from a peer, in the peer's send order, only just before the compute that
+    needs one of them."""
+    placement = schedule.placement
+    programs = []
+    for program in schedule.programs:
+        pending: dict[int, deque[Action]] = defaultdict(deque)
+        for action in program:
+            if action.kind in (Kind.RECV_F, Kind.RECV_B):
+                pending[_sender(action, placement)].append(action)
+        reordered: list[Action] = []
+        for action in program:
+            if action.kind in (Kind.RECV_F, Kind.RECV_B):
+                continue
+            needed = _receive_for(action, placement)
+            if needed is not None and needed not in reordered:
+                queue = pending[_sender(needed, placement)]
+                while needed not in reordered:
+                    reordered.append(queue.popleft())
+            reordered.append(action)
+        programs.append(tuple(reordered))
+    return schedule.with_programs(tuple(programs))
+
+
+def _sender(receive: Action, placement) -> int:
+    neighbour = placement.prev_stage if receive.kind is Kind.RECV_F else placement.next_stage
+    return placement.rank_of(neighbour(receive.stage))
+
+
+def _receive_for(action: Action, placement) -> Action | None:
+    """The RECV whose message compute ``action`` consumes, if its input comes from another rank."""
+    if action.kind is Kind.F:
+        receive, source = Kind.RECV_F, placement.prev_stage(action.stage)
+    elif action.kind in (Kind.B, Kind.I):
+        receive, source = Kind.RECV_B, placement.next_stage(action.stage)
+    else:
+        return None
+    if source is None or placement.rank_of(source) == placement.rank_of(action.stage):
+        return None
+    return Action(action.stage, receive, action.microbatch)

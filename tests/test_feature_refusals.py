@@ -12,9 +12,11 @@ import argparse
 
 import pytest
 
+from megatron_bitpipe import run_plan
 from megatron_bitpipe.run_plan import ArgumentsError, RunPlan
 from megatron_bitpipe.schedules import names
 from megatron_bitpipe.train import build_parser, validate_args
+from schedule_fixtures import receives_posted_at_use
 
 TWO_PIPELINES = ["bitpipe", "bitpipe-official", "chimera"]
 ONE_PIPELINE = ["1f1b", "interleaved-1f1b", "zb-h1", "v-half", "v-zb", "megatron-1f1b"]
@@ -111,3 +113,31 @@ def test_each_schedule_of_a_list_is_checked():
 )
 def test_each_refusal_is_one_line(setting):
     assert "\n" not in refusal("bitpipe", **setting)
+
+
+def test_a_schedule_whose_step_could_hang_on_nccl_is_refused_with_one_connection(monkeypatch):
+    """The receive order lowering had before its global order hangs interleaved-1f1b at D=2,
+    N=4 when every stream shares one hardware queue; with CUDA's default of 8 it does not."""
+    real_lower = run_plan.lower
+    monkeypatch.setattr(run_plan, "lower", lambda s, **kw: receives_posted_at_use(real_lower(s, **kw)))
+    args = settings("interleaved-1f1b", pp=2, global_batch_size=4, micro_batch_size=1)
+    validate_args(args, world_size=2)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with pytest.raises(ArgumentsError) as raised:
+        validate_args(args, world_size=2)
+    assert str(raised.value).startswith(
+        "CUDA_DEVICE_MAX_CONNECTIONS=1: --pipeline-schedule interleaved-1f1b at "
+        "--pipeline-model-parallel-size 2 with 4 microbatches could hang on NCCL (rank 0's GPU "
+        "cannot start send"
+    )
+
+
+@pytest.mark.parametrize("schedule", names())
+def test_every_registry_schedule_passes_the_nccl_check_with_one_connection(monkeypatch, schedule):
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    assert validate(schedule, pp=4, global_batch_size=16, micro_batch_size=1)
+
+
+def test_a_connection_count_that_is_no_integer_is_refused(monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "many")
+    assert refusal("1f1b") == "CUDA_DEVICE_MAX_CONNECTIONS=many: must be an integer >= 1"

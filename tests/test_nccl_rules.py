@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import defaultdict, deque
 
 import pytest
 
@@ -21,7 +20,8 @@ from megatron_bitpipe.runtime import nccl_rules
 from megatron_bitpipe.runtime.channels import CommunicatorSpec, initialization_order, step_communicators
 from megatron_bitpipe.runtime.nccl_rules import NcclDeadlock, NcclMismatch
 from megatron_bitpipe.schedules import ScheduleConfigError, build, lower, names
-from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
+from megatron_bitpipe.schedules.ir import Schedule
+from schedule_fixtures import receives_posted_at_use
 
 OPTIONS = {"interleaved-1f1b": {"vp": 2}, "breadth-first": {"vp": 2}}
 BIDIRECTIONAL = ("bitpipe", "bitpipe-official", "chimera")
@@ -41,49 +41,6 @@ def _cases() -> list[tuple[str, int, int]]:
             continue
         cases.append((name, num_ranks, factor * num_ranks))
     return cases
-
-
-def receives_posted_at_use(schedule: Schedule) -> Schedule:
-    """``schedule`` with the receive order lowering had before its one global order: each rank
-    posts the receives from a peer, in the peer's send order, only just before the compute that
-    needs one of them."""
-    placement = schedule.placement
-    programs = []
-    for program in schedule.programs:
-        pending: dict[int, deque[Action]] = defaultdict(deque)
-        for action in program:
-            if action.kind in (Kind.RECV_F, Kind.RECV_B):
-                pending[_sender(action, placement)].append(action)
-        reordered: list[Action] = []
-        for action in program:
-            if action.kind in (Kind.RECV_F, Kind.RECV_B):
-                continue
-            needed = _receive_for(action, placement)
-            if needed is not None and needed not in reordered:
-                queue = pending[_sender(needed, placement)]
-                while needed not in reordered:
-                    reordered.append(queue.popleft())
-            reordered.append(action)
-        programs.append(tuple(reordered))
-    return schedule.with_programs(tuple(programs))
-
-
-def _sender(receive: Action, placement) -> int:
-    neighbour = placement.prev_stage if receive.kind is Kind.RECV_F else placement.next_stage
-    return placement.rank_of(neighbour(receive.stage))
-
-
-def _receive_for(action: Action, placement) -> Action | None:
-    """The RECV whose message compute ``action`` consumes, if its input comes from another rank."""
-    if action.kind is Kind.F:
-        receive, source = Kind.RECV_F, placement.prev_stage(action.stage)
-    elif action.kind in (Kind.B, Kind.I):
-        receive, source = Kind.RECV_B, placement.next_stage(action.stage)
-    else:
-        return None
-    if source is None or placement.rank_of(source) == placement.rank_of(action.stage):
-        return None
-    return Action(action.stage, receive, action.microbatch)
 
 
 def replay_with_syncs(schedule: Schedule, syncs: dict[int, list[int]], connections: int | None) -> None:
