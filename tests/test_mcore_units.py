@@ -15,6 +15,8 @@ from megatron_bitpipe.mcore.features import UnsupportedFeatureError, check_suppo
 from megatron_bitpipe.mcore.groups import parameter_checksums  # noqa: E402
 from megatron_bitpipe.mcore.losses import LossLayout  # noqa: E402
 from megatron_bitpipe.mcore.precision import StageFloat16Module  # noqa: E402
+from megatron_bitpipe.schedules.placement import bitpipe as bitpipe_placement  # noqa: E402
+from megatron_bitpipe.schedules.placement import looped  # noqa: E402
 
 PLAIN = dict(
     gradient_accumulation_fusion=False,
@@ -35,17 +37,25 @@ PLAIN = dict(
         ({"cuda_graph_impl": "local"}, {}, False, "cuda_graph_impl='local'"),
         ({"cpu_offloading": True}, {}, False, "cpu_offloading"),
         ({"fine_grained_activation_offloading": True}, {}, False, "fine_grained_activation"),
+        ({"calculate_per_token_loss": True}, {}, False, r"calculate_per_token_loss .* ranks \[0, 3\]"),
+        ({"variable_seq_lengths": True}, {}, False, "variable_seq_lengths"),
     ],
 )
 def test_unsupported_features_are_refused_by_name(setting, ddp, splits, named):
     config = SimpleNamespace(**{**PLAIN, **setting})
+    placement = bitpipe_placement(4)
     with pytest.raises(UnsupportedFeatureError, match=f"^bitpipe: not supported .*{named}"):
-        check_supported("bitpipe", config, [SimpleNamespace(**ddp)], splits_backward=splits)
+        check_supported("bitpipe", config, [SimpleNamespace(**ddp)], splits, placement)
 
 
 def test_gradient_accumulation_fusion_is_fine_without_a_split_backward():
     config = SimpleNamespace(**{**PLAIN, "gradient_accumulation_fusion": True})
-    check_supported("1f1b", config, [SimpleNamespace(overlap_param_gather=False)], False)
+    check_supported("1f1b", config, [SimpleNamespace(overlap_param_gather=False)], False, looped(4, 1))
+
+
+def test_per_token_loss_is_fine_where_the_loss_is_on_the_last_rank_alone():
+    config = SimpleNamespace(**{**PLAIN, "calculate_per_token_loss": True})
+    check_supported("1f1b", config, [SimpleNamespace(overlap_param_gather=False)], False, looped(4, 1))
 
 
 def test_checksums_see_a_one_ulp_change_and_nothing_else():

@@ -8,14 +8,29 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from megatron_bitpipe.schedules.placement import Placement
+
 
 class UnsupportedFeatureError(NotImplementedError):
     """A megatron-core setting the executor cannot honour; the text names it."""
 
 
-def unsupported_features(config: Any, ddp_configs: Sequence[Any], splits_backward: bool) -> list[str]:
+def unsupported_features(
+    config: Any, ddp_configs: Sequence[Any], splits_backward: bool, placement: Placement
+) -> list[str]:
     """The settings of ``config`` (TransformerConfig) and the chunks' DDP configs we refuse."""
     found = []
+    loss_ranks = placement.loss_ranks()
+    if getattr(config, "calculate_per_token_loss", False) and loss_ranks != {placement.num_ranks - 1}:
+        found.append(
+            f"calculate_per_token_loss with loss heads on pipeline ranks {sorted(loss_ranks)} "
+            f"(megatron's finalize_model_grads takes the token count from the last rank only)"
+        )
+    if getattr(config, "variable_seq_lengths", False):
+        found.append(
+            "variable_seq_lengths (every message is received into a buffer of the one shape "
+            "seq_length and micro_batch_size give)"
+        )
     if splits_backward and getattr(config, "gradient_accumulation_fusion", False):
         found.append(
             "gradient_accumulation_fusion with a schedule that splits the backward into I and W "
@@ -38,10 +53,15 @@ def unsupported_features(config: Any, ddp_configs: Sequence[Any], splits_backwar
 
 
 def check_supported(
-    schedule: str, config: Any, ddp_configs: Sequence[Any], splits_backward: bool
+    schedule: str,
+    config: Any,
+    ddp_configs: Sequence[Any],
+    splits_backward: bool,
+    placement: Placement,
 ) -> None:
-    """Raise UnsupportedFeatureError naming every refused setting that is on."""
-    found = unsupported_features(config, ddp_configs, splits_backward)
+    """Raise UnsupportedFeatureError naming every refused setting of ``schedule`` on
+    ``placement`` that is on."""
+    found = unsupported_features(config, ddp_configs, splits_backward, placement)
     if found:
         raise UnsupportedFeatureError(
             f"{schedule}: not supported by megatron_bitpipe's executor yet: " + "; ".join(found)

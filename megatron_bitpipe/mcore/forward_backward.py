@@ -138,9 +138,7 @@ def forward_backward_func(
     _check_model(chunks, placement, pp_rank, forward_only)
     splits_backward = any(action.kind is Kind.I for action in program)
     ddp_configs = [chunk.ddp_config for chunk in chunks if hasattr(chunk, "ddp_config")]
-    check_supported(choice.name, config, ddp_configs, splits_backward)
-    if config.calculate_per_token_loss and placement.num_pipelines > 1:
-        raise NotImplementedError(f"{choice.name}: calculate_per_token_loss with two pipelines")
+    check_supported(choice.name, config, ddp_configs, splits_backward, placement)
     if not communication.is_set_up(placement):
         communication.setup_communication(placement, getattr(chunks[0], "bitpipe_groups", None))
     if config.timers is not None:
