@@ -5,7 +5,7 @@ per direction of each pair that exchanges messages), then makes one call on ever
 step of this rank uses, in the one global order of ``runtime.channels`` that cannot deadlock:
 its channels, its pipeline group, its gradient group (replica pair x data parallel) and its
 tensor-parallel group. On NCCL a communicator is otherwise created at its first call, inside the
-first step, where bidirectional schedules hang (``runtime.nccl_rules``). Our trainer and the
+first step, where a missing peer would be found late and unnamed. Our trainer and the
 Megatron-LM launcher call it after building the model; ``forward_backward_func`` calls it on
 its first use for code that did not.
 

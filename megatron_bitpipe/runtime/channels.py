@@ -3,16 +3,16 @@
 A step of a lowered schedule talks over three kinds of communicator (``step_communicators``):
 
 * one **channel** per direction of every pair of pipeline ranks that exchange messages. On NCCL
-  the sends and receives of one communicator run in posting order on one stream, so a send to a
-  peer could wait behind a receive from it; a group per direction keeps the two apart;
+  the sends and receives of one communicator run in posting order on one stream; a group per
+  direction lets a send to a peer and a receive from it run at once;
 * the **pipeline** group (the loss values of schedules whose heads are not all on the last rank);
 * each **replica pair** (bidirectional placements: the gradient sync of rank r with rank D-1-r).
 
 NCCL creates a communicator at its first call, and that call blocks every member until all have
-made it. Left to the first step, two ranks that each start by sending on their own channel wait
-for each other forever (bitpipe at D=2: rank 0 at ``0SEND_F0``, rank 1 at ``4SEND_F1``; see
-``nccl_rules``). ``initialize_communicators`` therefore touches every communicator at set-up,
-each rank walking the ones it belongs to in increasing ``key`` order. That cannot deadlock: the
+made it. The lowering's global order makes even that safe inside a step (``nccl_rules``), but a
+missing or late peer should be found at set-up, with a message naming it, not in the first step:
+``initialize_communicators`` touches every communicator at set-up, each rank walking the ones it
+belongs to in increasing ``key`` order. That cannot deadlock: the
 smallest communicator not yet initialized has every member already past all smaller ones, so all
 of them are at it.
 

@@ -17,17 +17,17 @@ plain ``work.wait()``, which only makes the compute stream wait, and leaves the 
 ``Watchdog``: on NCCL a wait with a timeout blocks the host until the GPU is done.
 
 On NCCL, pass ``channels`` (``runtime.channels``): one group per direction of every pair, so a
-send never queues behind a receive on the same communicator stream. Messages are posted one call
+send and a receive between two ranks run at once. Messages are posted one call
 each, not grouped with ``batch_isend_irecv`` as megatron's p2p does: a batch must use one group
 (both directions of a pair are two groups here), and torch runs a group's batched p2p on the
 group's collective communicator but single p2p on a separate per-pair one, so mixing the two on
 one group would leave two streams whose relative order NCCL does not keep.
 
-``CUDA_DEVICE_MAX_CONNECTIONS``: megatron asks for 1 when tensor-parallel communication overlaps
-compute (sequence parallel, ``tp_comm_overlap``), so that kernels reach the GPU in launch order.
-This module needs no particular value: every p2p operation has its own communicator stream and
-the executor launches them in the lowered program's order, which ``nccl_rules`` replays under
-NCCL's matching rules (in order per communicator, tags ignored) and finds deadlock free.
+``CUDA_DEVICE_MAX_CONNECTIONS``: Megatron-LM asserts 1 with tensor or context parallelism on
+Hopper and earlier, so that every stream of a GPU feeds one FIFO hardware queue. The executor
+launches operations in the lowered program's order, one global order cut into ranks
+(``schedules.lower``), which ``nccl_rules`` replays under NCCL's and CUDA's rules, one queue
+included, and finds deadlock free.
 """
 
 from __future__ import annotations
