@@ -76,6 +76,7 @@ RANGES: tuple[tuple[str, str, Any], ...] = (
     ("--microbatch-group-size-per-virtual-pipeline-stage", "an integer >= 1", _positive_int),
     ("--max-inflight", "an integer >= 1", _positive_int),
     ("--num-layers", "an integer >= 1", _positive_int),
+    ("--recompute-num-layers", "an integer >= 1", _positive_int),
     ("--hidden-size", "an integer >= 1", _positive_int),
     ("--ffn-hidden-size", "an integer >= 1", _positive_int),
     ("--num-attention-heads", "an integer >= 1", _positive_int),
@@ -120,6 +121,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
     the other in one process group, each from the same initial weights and data.
     """
     check_ranges(args)
+    check_recompute(args)
     try:
         rank_order.check_order(
             getattr(args, "pipeline_rank_order", rank_order.CONSECUTIVE), args.pipeline_model_parallel_size
@@ -273,6 +275,24 @@ def check_nccl_order(schedule: Schedule, connections: str | None) -> None:
             f"{schedule.name} at --pipeline-model-parallel-size {schedule.num_ranks} with "
             f"{schedule.num_microbatches} microbatches could hang on NCCL ({reason})"
         ) from None
+
+
+def check_recompute(args: argparse.Namespace) -> None:
+    """Megatron's recompute rules, as one line each: full needs a method and a layer count;
+    selective takes neither. Settings absent from ``args`` count as off."""
+    granularity = getattr(args, "recompute_granularity", None)
+    method = getattr(args, "recompute_method", None)
+    layers = getattr(args, "recompute_num_layers", None)
+    _require(
+        granularity == "full" or (method is None and layers is None),
+        f"--recompute-method / --recompute-num-layers go with --recompute-granularity full, got "
+        f"{granularity}",
+    )
+    _require(
+        granularity != "full" or (method is not None and layers is not None),
+        "--recompute-granularity full needs --recompute-method (uniform or block) and "
+        "--recompute-num-layers",
+    )
 
 
 def check_features(args: argparse.Namespace, schedule: str, placement: Placement) -> None:

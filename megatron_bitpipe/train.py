@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--loss-scale-window", type=float, default=1000)
     add("--hysteresis", type=int, default=2)
     add("--sequence-parallel", action="store_true")
+    add(
+        "--recompute-granularity",
+        choices=("full", "selective"),
+        default=None,
+        help="activation recomputation, as Megatron-LM: selective (core attention) or full",
+    )
+    add("--recompute-method", choices=("uniform", "block"), default=None, help="with full")
+    add("--recompute-num-layers", type=int, default=None, help="with full: layers per group")
     add("--untie-embeddings-and-output-weights", action="store_true")
     add("--use-distributed-optimizer", action="store_true")
     add("--overlap-grad-reduce", action="store_true")

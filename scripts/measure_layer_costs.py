@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import time
 from typing import Callable
@@ -74,20 +72,9 @@ def main() -> None:
 
 
 def _init() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron_bitpipe.mcore.local_world import init_single_process
 
-    from megatron_bitpipe.mcore import cpu
-
-    cpu.apply()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    init_single_process()
 
 
 def _dtype() -> torch.dtype:

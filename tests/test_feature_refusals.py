@@ -141,3 +141,26 @@ def test_every_registry_schedule_passes_the_nccl_check_with_one_connection(monke
 def test_a_connection_count_that_is_no_integer_is_refused(monkeypatch):
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "many")
     assert refusal("1f1b") == "CUDA_DEVICE_MAX_CONNECTIONS=many: must be an integer >= 1"
+
+
+@pytest.mark.parametrize(
+    "recompute,message",
+    [
+        ({"recompute_granularity": "full"}, "--recompute-granularity full needs --recompute-method"),
+        ({"recompute_method": "uniform", "recompute_num_layers": 1}, "go with --recompute-granularity full, got None"),
+        ({"recompute_granularity": "selective", "recompute_num_layers": 1}, "got selective"),
+        (
+            {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 0},
+            "--recompute-num-layers 0: must be an integer >= 1",
+        ),
+    ],
+)
+def test_recompute_settings_megatron_rejects_are_one_line(recompute, message):
+    assert message in refusal("zb-h1", **recompute)
+
+
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_recompute_is_accepted_with_every_split_schedule(granularity):
+    full = {"recompute_method": "uniform", "recompute_num_layers": 1} if granularity == "full" else {}
+    for schedule in ("zb-h1", "v-min", "v-half", "v-zb"):
+        assert validate(schedule, recompute_granularity=granularity, **full)

@@ -122,12 +122,23 @@ LAYOUTS = {
     "tp2-pp2-sequence-parallel": (
         4,
         "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel",
-        "bitpipe 1f1b",
+        "bitpipe 1f1b zb-h1",
     ),
     "tp2-pp2": (
         4,
         "--pipeline-model-parallel-size 2 --tensor-model-parallel-size 2",
-        "bitpipe megatron-1f1b",
+        "bitpipe megatron-1f1b v-zb",
+    ),
+    "pp2-recompute-full": (
+        2,
+        "--pipeline-model-parallel-size 2 --recompute-granularity full --recompute-method uniform "
+        "--recompute-num-layers 1",
+        "zb-h1 v-min v-half v-zb",
+    ),
+    "pp2-recompute-selective": (
+        2,
+        "--pipeline-model-parallel-size 2 --recompute-granularity selective",
+        "zb-h1 v-zb",
     ),
     "dp2-pp2-overlap": (
         4,

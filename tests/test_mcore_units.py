@@ -31,7 +31,6 @@ PLAIN = dict(
 @pytest.mark.parametrize(
     "setting,ddp,splits,named",
     [
-        ({"gradient_accumulation_fusion": True}, {}, True, "gradient_accumulation_fusion"),
         ({}, {"overlap_param_gather": True}, False, "overlap_param_gather"),
         ({"enable_cuda_graph": True}, {}, False, "CUDA graphs"),
         ({"cuda_graph_impl": "local"}, {}, False, "cuda_graph_impl='local'"),
@@ -48,9 +47,16 @@ def test_unsupported_features_are_refused_by_name(setting, ddp, splits, named):
         check_supported("bitpipe", config, [SimpleNamespace(**ddp)], splits, placement)
 
 
-def test_gradient_accumulation_fusion_is_fine_without_a_split_backward():
+def test_gradient_accumulation_fusion_is_fine_with_a_split_backward():
     config = SimpleNamespace(**{**PLAIN, "gradient_accumulation_fusion": True})
-    check_supported("1f1b", config, [SimpleNamespace(overlap_param_gather=False)], False, looped(4, 1))
+    check_supported("zb-h1", config, [SimpleNamespace(overlap_param_gather=False)], True, looped(4, 1))
+
+
+def test_transformer_engine_linears_are_refused_with_a_split_backward():
+    with pytest.raises(UnsupportedFeatureError, match="cannot defer \\(decoder.layers.0.linear_fc1"):
+        check_supported(
+            "zb-h1", SimpleNamespace(**PLAIN), [], True, looped(4, 1), ["decoder.layers.0.linear_fc1"]
+        )
 
 
 def test_per_token_loss_is_fine_where_the_loss_is_on_the_last_rank_alone():

@@ -14,13 +14,8 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import schedules
 
-# torch's own I/W split (zero-bubble schedules); private, present since torch 2.5
-from torch.distributed.pipelining._backward import (
-    stage_backward_input,
-    stage_backward_weight,
-)
-
 from megatron_bitpipe.mcore import compat
+from megatron_bitpipe.mcore.weight_grad_store import STORE
 from megatron_bitpipe.mcore.cpu import compute_device
 from megatron_bitpipe.mcore.model import unwrap
 from megatron_bitpipe.schedules.placement import Placement
@@ -67,9 +62,9 @@ class MegatronCallbacks:
     """One rank's model work for the Executor, for one forward_backward call.
 
     ``loss_scale`` multiplies each microbatch's loss before backward (the replica count when the
-    chunks' DDP averages over the replicas rather than summing; see ``mcore.groups.wrap_ddp``). ``release_outputs``: pseudo-free a
-    sent output at once (megatron's ``deallocate_output_tensor``, when the config asks for it);
-    off for schedules that split the backward, whose I goes through ``torch.autograd.grad``.
+    chunks' DDP averages over the replicas rather than summing; see ``mcore.groups.wrap_ddp``).
+    ``release_outputs``: pseudo-free a sent output at once (megatron's
+    ``deallocate_output_tensor``, when the config asks for it).
     """
 
     model: Sequence[torch.nn.Module]
@@ -89,7 +84,6 @@ class MegatronCallbacks:
     total_num_tokens: torch.Tensor = field(
         default_factory=lambda: torch.zeros([], dtype=torch.int, device=compute_device())
     )
-    _split_state: dict[tuple[int, int], Any] = field(default_factory=dict)
 
     def forward(
         self, stage: int, microbatch: int, input_tensor: torch.Tensor | None
@@ -162,27 +156,10 @@ class MegatronCallbacks:
         output_tensor: torch.Tensor,
         output_grad: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """Input gradient only (torch.distributed.pipelining's split); W reuses saved state.
-
-        A first stage has no input gradient to produce: its whole backward runs at W.
-        """
-        if input_tensor is None:
-            return None
-        if output_grad is None and self.config.grad_scale_func is not None:
-            output_tensor = self.config.grad_scale_func(output_tensor)
-        weights = self._weights(stage)
-        grads = None if output_grad is None else [output_grad]
-        input_grads, param_groups = stage_backward_input(
-            [output_tensor], grads, [input_tensor], iter(weights)
-        )
-        covered = {id(node) for group in param_groups for node in group["params"]}
-        if len(covered) != len(weights):
-            raise RuntimeError(
-                f"stage {stage}: {len(weights) - len(covered)} of {len(weights)} parameters do "
-                f"not depend on the stage input, so the I/W split cannot find their gradients"
-            )
-        self._split_state[(stage, microbatch)] = param_groups
-        return input_grads[0]
+        """The backward with the linear layers' weight gradients queued for W
+        (``mcore.weight_grad_store``); frees the graph like any backward."""
+        with STORE.deferring((stage, microbatch)):
+            return self.backward(stage, microbatch, input_tensor, output_tensor, output_grad)
 
     def backward_weight(
         self,
@@ -192,17 +169,8 @@ class MegatronCallbacks:
         output_tensor: torch.Tensor,
         output_grad: torch.Tensor | None,
     ) -> None:
-        """Weight gradients of a split backward, accumulated into DDP's ``main_grad``."""
-        if input_tensor is None:
-            self.backward(stage, microbatch, input_tensor, output_tensor, output_grad)
-            return
-        weights = self._weights(stage)
-        stage_backward_weight(iter(weights), self._split_state.pop((stage, microbatch)))
-        _move_grads_to_main_grad(weights)
-
-    def _weights(self, stage: int) -> list[torch.nn.Parameter]:
-        chunk = self.model[self.placement.chunk_of(stage)]
-        return [param for param in chunk.parameters() if param.requires_grad]
+        """The weight gradients the stage's I queued, accumulated into ``main_grad``."""
+        STORE.flush((stage, microbatch))
 
     def reduce_grad(self, stage: int) -> None:
         """Start the chunk's async gradient reduction (DDP with overlap_grad_reduce only).
@@ -214,14 +182,3 @@ class MegatronCallbacks:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is not None and ddp_config.overlap_grad_reduce:
             chunk.start_grad_sync()
-
-
-def _move_grads_to_main_grad(weights: Sequence[torch.nn.Parameter]) -> None:
-    """What megatron DDP's grad-accumulation hook does, for grads set by autograd.grad."""
-    with torch.no_grad():
-        for param in weights:
-            main_grad = getattr(param, "main_grad", None)
-            if main_grad is None or param.grad is None:
-                continue
-            main_grad.add_(param.grad)
-            param.grad = None

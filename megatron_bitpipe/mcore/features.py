@@ -16,10 +16,21 @@ class UnsupportedFeatureError(NotImplementedError):
 
 
 def unsupported_features(
-    config: Any, ddp_configs: Sequence[Any], splits_backward: bool, placement: Placement
+    config: Any,
+    ddp_configs: Sequence[Any],
+    splits_backward: bool,
+    placement: Placement,
+    uncovered_linears: Sequence[str] = (),
 ) -> list[str]:
-    """The settings of ``config`` (TransformerConfig) and the chunks' DDP configs we refuse."""
+    """The settings of ``config`` (TransformerConfig) and the chunks' DDP configs we refuse;
+    ``uncovered_linears`` names linear layers the weight-gradient store does not split."""
     found = []
+    if splits_backward and uncovered_linears:
+        found.append(
+            f"a schedule that splits the backward into I and W with linear layers the weight-"
+            f"gradient store cannot defer ({', '.join(uncovered_linears[:3])}: Transformer "
+            f"Engine's; use megatron's local spec)"
+        )
     loss_ranks = placement.loss_ranks()
     if getattr(config, "calculate_per_token_loss", False) and loss_ranks != {placement.num_ranks - 1}:
         found.append(
@@ -30,11 +41,6 @@ def unsupported_features(
         found.append(
             "variable_seq_lengths (every message is received into a buffer of the one shape "
             "seq_length and micro_batch_size give)"
-        )
-    if splits_backward and getattr(config, "gradient_accumulation_fusion", False):
-        found.append(
-            "gradient_accumulation_fusion with a schedule that splits the backward into I and W "
-            "(the fused wgrad accumulates into main_grad in I and again in W: double-counted)"
         )
     if any(getattr(ddp, "overlap_param_gather", False) for ddp in ddp_configs):
         found.append(
@@ -58,10 +64,11 @@ def check_supported(
     ddp_configs: Sequence[Any],
     splits_backward: bool,
     placement: Placement,
+    uncovered_linears: Sequence[str] = (),
 ) -> None:
     """Raise UnsupportedFeatureError naming every refused setting of ``schedule`` on
     ``placement`` that is on."""
-    found = unsupported_features(config, ddp_configs, splits_backward, placement)
+    found = unsupported_features(config, ddp_configs, splits_backward, placement, uncovered_linears)
     if found:
         raise UnsupportedFeatureError(
             f"{schedule}: not supported by megatron_bitpipe's executor yet: " + "; ".join(found)

@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_model_config
 
-from megatron_bitpipe.mcore import communication
+from megatron_bitpipe.mcore import communication, weight_grad_store
 from megatron_bitpipe.mcore.callbacks import MegatronCallbacks, MicrobatchFeed
 from megatron_bitpipe.mcore.cpu import compute_device
 from megatron_bitpipe.mcore.features import check_supported
@@ -138,7 +138,10 @@ def forward_backward_func(
     _check_model(chunks, placement, pp_rank, forward_only)
     splits_backward = any(action.kind is Kind.I for action in program)
     ddp_configs = [chunk.ddp_config for chunk in chunks if hasattr(chunk, "ddp_config")]
-    check_supported(choice.name, config, ddp_configs, splits_backward, placement)
+    uncovered = weight_grad_store.uncovered_linears(chunks) if splits_backward else []
+    check_supported(choice.name, config, ddp_configs, splits_backward, placement, uncovered)
+    if splits_backward:
+        weight_grad_store.install()
     if not communication.is_set_up(placement):
         communication.setup_communication(placement, getattr(chunks[0], "bitpipe_groups", None))
     if config.timers is not None:
@@ -156,7 +159,6 @@ def forward_backward_func(
         collect_non_loss_data=collect_non_loss_data,
         first_microbatch=_first_forward(program),
         first_val_step=first_val_step,
-        release_outputs=not splits_backward,
     )
     shape = _activation_shape(config, decoder_seq_length or seq_length, micro_batch_size)
     dtype = config.pipeline_dtype or config.params_dtype

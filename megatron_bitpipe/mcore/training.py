@@ -390,6 +390,9 @@ def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerC
         params_dtype=_dtype(args),
         pipeline_dtype=_dtype(args),
         deallocate_pipeline_outputs=True,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
         # megatron-core mixes same-peer messages of batched p2p with PP=2 (Megatron-LM#750)
         overlap_p2p_comm=interleaved_on_two,
         batch_p2p_comm=not interleaved_on_two,
