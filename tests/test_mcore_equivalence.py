@@ -105,14 +105,14 @@ LAYOUTS = {
     "pp2-untied": (
         2,
         "--pipeline-model-parallel-size 2 --untie-embeddings-and-output-weights",
-        "bitpipe chimera v-zb 1f1b zb-h1",
+        "bitpipe chimera v-zb 1f1b zb-h1 bitpipe-zb",
     ),
     "pp4-overlap": (
         4,
         "--pipeline-model-parallel-size 4 --overlap-grad-reduce "
         "--virtual-pipeline-model-parallel-size 2",
-        "bitpipe bitpipe-official chimera gpipe 1f1b interleaved-1f1b breadth-first zb-h1 "
-        "v-min v-half v-zb megatron-interleaved",
+        "bitpipe bitpipe-official bitpipe-zb chimera gpipe 1f1b interleaved-1f1b breadth-first "
+        "zb-h1 v-min v-half v-zb megatron-interleaved",
     ),
     "pp4-replica-pairs": (
         4,
@@ -148,7 +148,7 @@ LAYOUTS = {
     "dp2-pp2-overlap-distributed-optimizer": (
         4,
         "--pipeline-model-parallel-size 2 --overlap-grad-reduce --use-distributed-optimizer",
-        "bitpipe v-zb",
+        "bitpipe v-zb bitpipe-zb",
     ),
 }
 

@@ -107,6 +107,7 @@ GENERATOR_MODULES = (
     "vshape",
     "chimera",
     "bitpipe",
+    "bitpipe_zb",
 )
 
 
