@@ -14,11 +14,16 @@ I <= 0.7 B (I is on the critical path) and I + W <= 1.1 B (the split costs littl
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from measure_layer_costs import elapsed, mark, sync  # noqa: E402 - the same device timers
 
 SHAPES = {
     # name: (hidden, heads, seq, micro-batch)
@@ -71,24 +76,24 @@ def _measure(hidden: int, heads: int, seq: int, micro_batch: int, args: argparse
     for index in range(args.warmup + args.repeats):
         model.zero_grad_buffer()
         with model.no_sync():
-            start = _mark()
+            start = mark()
             output = model(inputs.requires_grad_(), attention_mask=None)
-            forward_end = _mark()
+            forward_end = mark()
             output.backward(output_grad)
-            backward_end = _mark()
+            backward_end = mark()
             output = model(inputs, attention_mask=None)
-            split_start = _mark()
+            split_start = mark()
             with STORE.deferring(index):
                 output.backward(output_grad)
-            input_end = _mark()
+            input_end = mark()
             STORE.flush(index)
-            weight_end = _mark()
-        _sync()
+            weight_end = mark()
+        sync()
         if index >= args.warmup:
-            samples["F"].append(_elapsed(start, forward_end))
-            samples["B"].append(_elapsed(forward_end, backward_end))
-            samples["I"].append(_elapsed(split_start, input_end))
-            samples["W"].append(_elapsed(input_end, weight_end))
+            samples["F"].append(elapsed(start, forward_end))
+            samples["B"].append(elapsed(forward_end, backward_end))
+            samples["I"].append(elapsed(split_start, input_end))
+            samples["W"].append(elapsed(input_end, weight_end))
     return tuple(statistics.median(samples[kind]) / args.layers for kind in "FBIW")
 
 
@@ -109,25 +114,6 @@ def _model(hidden: int, heads: int, layers: int) -> Any:
     block = TransformerBlock(config, layer_spec(config, layers)).to("cuda" if cuda else "cpu", dtype)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     return DistributedDataParallel(config, ddp_config, block)
-
-
-def _mark() -> Any:
-    if torch.cuda.is_available():
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _elapsed(start: Any, end: Any) -> float:
-    if torch.cuda.is_available():
-        return start.elapsed_time(end)
-    return (end - start) * 1e3
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

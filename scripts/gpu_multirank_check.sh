@@ -57,15 +57,8 @@ for argument in "$@"; do
   [ "$argument" = --build-only ] || forwarded+=("$argument")
 done
 
-if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/megatron-bitpipe-site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/megatron-bitpipe-site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    "$PYTHON" -m pip install -q "megatron-core>=0.16.1,<0.20" || exit 1
-  fi
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# shellcheck source=scripts/megatron_core_env.sh
+source scripts/megatron_core_env.sh
 
 probe() {
   "$PYTHON" - <<'EOF'

@@ -147,31 +147,31 @@ def _time(step: Callable[[], None], args: argparse.Namespace) -> float:
 def _time_pair(first: Callable[[], None], second: Callable[[], None], args: argparse.Namespace) -> tuple[float, float]:
     pairs = []
     for index in range(args.warmup + args.repeats):
-        start = _mark()
+        start = mark()
         first()
-        middle = _mark()
+        middle = mark()
         second()
-        end = _mark()
+        end = mark()
         if index >= args.warmup:
             pairs.append((start, middle, end))
-    _sync()
-    return (statistics.median(_elapsed(a, b) for a, b, _ in pairs),
-            statistics.median(_elapsed(b, c) for _, b, c in pairs))
+    sync()
+    return (statistics.median(elapsed(a, b) for a, b, _ in pairs),
+            statistics.median(elapsed(b, c) for _, b, c in pairs))
 
 
 def _samples(step: Callable[[], None], args: argparse.Namespace) -> list[float]:
     marks = []
     for index in range(args.warmup + args.repeats):
-        start = _mark()
+        start = mark()
         step()
-        end = _mark()
+        end = mark()
         if index >= args.warmup:
             marks.append((start, end))
-    _sync()
-    return [_elapsed(start, end) for start, end in marks]
+    sync()
+    return [elapsed(start, end) for start, end in marks]
 
 
-def _mark():
+def mark():
     if torch.cuda.is_available():
         event = torch.cuda.Event(enable_timing=True)
         event.record()
@@ -179,13 +179,13 @@ def _mark():
     return time.perf_counter()
 
 
-def _elapsed(start, end) -> float:
+def elapsed(start, end) -> float:
     if torch.cuda.is_available():
         return start.elapsed_time(end)
     return (end - start) * 1e3
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

@@ -29,6 +29,7 @@ from megatron_bitpipe.runtime.p2p import P2P, MessageSpec
 from megatron_bitpipe.runtime.watchdog import Watchdog
 from megatron_bitpipe.schedules import placement as placements
 from megatron_bitpipe.schedules.ir import Action, Kind
+from fake_works import FakeWork
 
 WORLD_TIMEOUT = timedelta(minutes=3)
 
@@ -51,30 +52,6 @@ def world():
 
 def timeout_of(group: dist.ProcessGroup) -> timedelta:
     return group._get_backend(torch.device("cpu")).options._timeout
-
-
-class FakeWork:
-    def __init__(self, done: bool = False) -> None:
-        self.done = done
-
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return self.done
-
-
-@pytest.fixture
-def works(monkeypatch: pytest.MonkeyPatch) -> list[FakeWork]:
-    made: list[FakeWork] = []
-
-    def start(*args: object, **kwargs: object) -> FakeWork:
-        made.append(FakeWork())
-        return made[-1]
-
-    monkeypatch.setattr(dist, "irecv", start)
-    monkeypatch.setattr(dist, "isend", start)
-    return made
 
 
 # 1. timeouts

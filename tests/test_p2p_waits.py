@@ -11,43 +11,15 @@ from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_bitpipe.runtime import P2P, P2PTimeoutError, Watchdog
 from megatron_bitpipe.schedules import placement as placements
 from megatron_bitpipe.schedules.ir import Action, Kind
-
-
-class FakeWork:
-    """A dist.Work stand-in: records how it was waited on; completes when told to."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self.waits: list[object] = []
-
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        self.waits.append(timeout)
-        return True
-
-    def is_completed(self) -> bool:
-        return self.done
+from fake_works import FakeWork
 
 
 def buffer(action: Action) -> torch.Tensor:
     return torch.zeros(4)
-
-
-@pytest.fixture
-def works(monkeypatch: pytest.MonkeyPatch) -> list[FakeWork]:
-    made: list[FakeWork] = []
-
-    def start(*args: object, **kwargs: object) -> FakeWork:
-        made.append(FakeWork())
-        return made[-1]
-
-    monkeypatch.setattr(dist, "irecv", start)
-    monkeypatch.setattr(dist, "isend", start)
-    return made
 
 
 def test_watchdog_waits_never_pass_a_timeout_to_the_backend(works):
