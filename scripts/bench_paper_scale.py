@@ -20,7 +20,7 @@ from megatron_bitpipe.schedules.errors import ScheduleConfigError
 from megatron_bitpipe.schedules.simulate import Costs, ModelDims, simulate
 
 COSTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "h100_layer_costs.json"
-SCHEDULES = ["1f1b", "interleaved-1f1b", "breadth-first", "zb-h1", "v-half", "v-zb", "chimera", "bitpipe-official", "bitpipe"]
+SCHEDULES = ["1f1b", "interleaved-1f1b", "breadth-first", "zb-h1", "v-half", "v-zb", "chimera", "bitpipe-official", "bitpipe", "bitpipe-zb"]
 
 
 def paper_model() -> tuple[ModelDims, dict, dict]:

@@ -156,13 +156,16 @@ def test_replica_pairs_on_one_node_make_bitpipes_replica_sync_cheaper_across_nod
     assert one_node.sync_ms == pytest.approx(paired.sync_ms)
 
 
-def test_the_cost_model_charges_the_measured_iw_split(paper):
+def test_the_cost_model_charges_the_iw_split_at_the_clusters_ratios(paper):
     model, cluster = paper
     one_f_one_b = cost_model.predict(model, cluster, Layout("1f1b", 8, 1, 4), 32)
     zero_bubble = cost_model.predict(model, cluster, Layout("zb-h1", 8, 1, 4), 32)
+    costly_split = cost_model.predict(  # what torch.distributed.pipelining's split cost on an H200
+        model, replace(cluster, input_grad_ratio=1.06, weight_grad_ratio=1.19), Layout("zb-h1", 8, 1, 4), 32
+    )
     free_split = cost_model.predict(model, replace(cluster, input_grad_ratio=0.5, weight_grad_ratio=0.5),
                                     Layout("zb-h1", 8, 1, 4), 32)
-    assert free_split.step_ms < one_f_one_b.step_ms < zero_bubble.step_ms
+    assert free_split.step_ms < zero_bubble.step_ms < one_f_one_b.step_ms < costly_split.step_ms
 
 
 def test_bitpipe_holds_both_replicas_about_twice_the_parameters_of_1f1b(paper):

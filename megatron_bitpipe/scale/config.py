@@ -121,11 +121,13 @@ class ClusterConfig:
     """Host time added per layer to every action (per-module framework cost), likewise."""
     memory_headroom: float = 0.9
     """Share of gpu_memory_gib a layout may use (the rest: allocator, workspace, NCCL)."""
-    input_grad_ratio: float = 1.06
-    """Cost of a split-off input gradient (I) over a whole backward: 1.06 measured on an H200
-    (h 3072, seq 1024) with today's split, whose I redoes most of the weight-gradient work."""
-    weight_grad_ratio: float = 1.19
-    """Cost of a split-off weight gradient (W) over a whole backward: 1.19 measured likewise."""
+    input_grad_ratio: float = 0.63
+    """Cost of a split-off input gradient (I) over a whole backward: 0.63, the median of
+    ``scripts/bench_split.py`` over its shapes on one CPU core (the weight-gradient store; no GPU
+    has measured it: the split this replaced cost 1.06 on an H200)."""
+    weight_grad_ratio: float = 0.43
+    """Cost of a split-off weight gradient (W) over a whole backward: 0.43 measured likewise
+    (the replaced split: 1.19 on an H200)."""
 
     def rules(self) -> list[tuple[str, str]]:
         broken = _positive(self, "gpus_per_node", "gpu_memory_gib", "intra_node_gbps", "inter_node_gbps")
