@@ -38,6 +38,7 @@ PLAIN = dict(
         ({"fine_grained_activation_offloading": True}, {}, False, "fine_grained_activation"),
         ({"calculate_per_token_loss": True}, {}, False, r"calculate_per_token_loss .* ranks \[0, 3\]"),
         ({"variable_seq_lengths": True}, {}, False, "variable_seq_lengths"),
+        ({"defer_embedding_wgrad_compute": True}, {}, False, "defer_embedding_wgrad_compute"),
     ],
 )
 def test_unsupported_features_are_refused_by_name(setting, ddp, splits, named):

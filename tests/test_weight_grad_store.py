@@ -64,6 +64,19 @@ def test_backwards_outside_a_deferral_run_whole(megatron_world):
     assert torch.count_nonzero(model.module.layers[0].mlp.linear_fc1.weight.main_grad) > 0
 
 
+def test_a_zero_out_wgrad_weight_gets_a_zero_placeholder_from_i(megatron_world):
+    """DDP's hook adds such a weight's gradient to main_grad whatever grad_added_to_main_grad says."""
+    model = split_check.build(sequence_parallel=False, fusion=False, recompute=False, overlap=False)
+    fc1 = model.module.layers[0].mlp.linear_fc1
+    fc1.weight.zero_out_wgrad = True
+    (inputs, output_grad), = split_check.microbatches(1)
+    model.zero_grad_buffer()
+    with model.no_sync(), STORE.deferring("m0"):
+        model(inputs.requires_grad_(), attention_mask=None).backward(output_grad)
+    assert torch.count_nonzero(fc1.weight.main_grad) == 0
+    STORE.discard()
+
+
 def test_deferrals_do_not_nest():
     store = WeightGradStore()
     with store.deferring("a"), pytest.raises(RuntimeError, match="deferred inside those of a"):

@@ -37,6 +37,11 @@ def unsupported_features(
             f"calculate_per_token_loss with loss heads on pipeline ranks {sorted(loss_ranks)} "
             f"(megatron's finalize_model_grads takes the token count from the last rank only)"
         )
+    if getattr(config, "defer_embedding_wgrad_compute", False):
+        found.append(
+            "defer_embedding_wgrad_compute (megatron drains the deferred output-layer gradients in "
+            "its own schedules only: they would be lost)"
+        )
     if getattr(config, "variable_seq_lengths", False):
         found.append(
             "variable_seq_lengths (every message is received into a buffer of the one shape "

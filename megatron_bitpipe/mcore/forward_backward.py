@@ -172,7 +172,7 @@ def forward_backward_func(
             executor.run(forward_program(program), forward_only=True)
     else:
         with _grad_checks_deferred(chunks) as checks:
-            with _no_sync(chunks):
+            with _no_sync(chunks), _weight_grads_of_this_step():
                 executor.run(program)
             _finalize(chunks, placement, config, callbacks, pg_collection, force_all_reduce)
         check_grads(chunks, *checks)
@@ -282,6 +282,21 @@ def _no_sync(chunks: list[Any]) -> contextlib.ExitStack:
         if hasattr(chunk, "no_sync"):
             stack.enter_context(chunk.no_sync())
     return stack
+
+
+@contextlib.contextmanager
+def _weight_grads_of_this_step() -> Iterator[None]:
+    """Every weight gradient an I of this step queues is computed by its W in this step; a step
+    that fails leaves none behind for the next (which would count them twice)."""
+    try:
+        yield
+    except BaseException:
+        weight_grad_store.STORE.discard()
+        raise
+    left = weight_grad_store.STORE.pending()
+    if left:
+        weight_grad_store.STORE.discard()
+        raise RuntimeError(f"weight gradients queued by an I and never computed by its W: {left[:4]}")
 
 
 @contextlib.contextmanager

@@ -57,6 +57,11 @@ class WeightGradStore:
         assert self.active is not None
         self._queued[self.active].append(compute)
 
+    def discard(self) -> None:
+        """Forget every queued weight gradient (a step that failed between an I and its W)."""
+        self._queued.clear()
+        self.active = None
+
     def flush(self, key: Hashable) -> int:
         """Compute and accumulate every weight gradient queued under ``key``; return how many."""
         queued = self._queued.pop(key, [])
@@ -81,7 +86,7 @@ def install() -> None:
     global _original_backward
     if _original_backward is None:
         _original_backward = _Function.backward
-        _Function.backward = staticmethod(_backward)
+        _Function.backward = staticmethod(layers.custom_bwd(_backward))
 
 
 def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -116,11 +121,13 @@ def _input_gradient(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor |
 def _placeholder_grad(weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor | None:
     """What I returns for the weight. Under megatron's DDP a grad-ready hook runs for it and,
     with ``overlap_grad_reduce``, insists on a gradient: hand it an uninitialized one marked as
-    already in ``main_grad`` (megatron's fused-accumulation convention), which the hook drops."""
+    already in ``main_grad`` (megatron's fused-accumulation convention), which the hook drops;
+    zeros where the weight is marked ``zero_out_wgrad``, whose gradient the hook adds anyway."""
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     weight.grad_added_to_main_grad = True
-    return torch.empty(weight.main_grad.shape, dtype=input.dtype, device=input.device)
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.main_grad.shape, dtype=input.dtype, device=input.device)
 
 
 def _accumulate_weight_grad(

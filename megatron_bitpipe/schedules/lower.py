@@ -54,6 +54,7 @@ def lower(schedule: Schedule, *, grad_sync: bool | None = None) -> Schedule:
 
     def place(time: float, tier: int, tie: int) -> int:
         """One integer per point of the order (unit costs make every time an integer)."""
+        assert time.is_integer(), f"unit costs give integer times, got {time}"
         return (int(time) * 3 + tier) * width + tie
 
     keyed: list[list[tuple[int, Action]]] = [[] for _ in schedule.programs]

@@ -18,9 +18,6 @@ from megatron_bitpipe.schedules.errors import ScheduleError
 from megatron_bitpipe.schedules.ir import Action, Kind
 from megatron_bitpipe.schedules.placement import Placement
 
-_F, _I = 0, 1
-
-
 def split(program: Sequence[Action]) -> tuple[Action, ...]:
     """``program`` with every B replaced by its I followed at once by its W."""
     result: list[Action] = []
