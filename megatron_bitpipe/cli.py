@@ -53,6 +53,7 @@ SCHEDULE_OPTIONS = {
     "vp": "--vp",
     "microbatch_group_size": "--microbatch-group-size",
     "max_inflight": "--max-inflight",
+    "max_stash": "--max-stash",
 }
 """Generator options (registry names) and the flag that sets each."""
 
@@ -156,6 +157,12 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, several: bool = F
         type=int,
         metavar="K",
         help="bitpipe: microbatches in flight per direction",
+    )
+    parser.add_argument(
+        "--max-stash",
+        type=int,
+        metavar="A",
+        help="bitpipe, bitpipe-zb: chunk activations stashed per rank, D..3D (default 2D)",
     )
 
 

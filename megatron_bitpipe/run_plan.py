@@ -75,6 +75,7 @@ RANGES: tuple[tuple[str, str, Any], ...] = (
     ("--num-layers-per-virtual-pipeline-stage", "an integer >= 1", _positive_int),
     ("--microbatch-group-size-per-virtual-pipeline-stage", "an integer >= 1", _positive_int),
     ("--max-inflight", "an integer >= 1", _positive_int),
+    ("--max-stash", "an integer >= 1", _positive_int),
     ("--num-layers", "an integer >= 1", _positive_int),
     ("--recompute-num-layers", "an integer >= 1", _positive_int),
     ("--hidden-size", "an integer >= 1", _positive_int),
@@ -416,6 +417,7 @@ def _registry_options(args: argparse.Namespace, schedule: str, vp: int | None) -
         ("vp", vp, "--virtual-pipeline-model-parallel-size"),
         ("microbatch_group_size", group, "--microbatch-group-size-per-virtual-pipeline-stage"),
         ("max_inflight", getattr(args, "max_inflight", None), "--max-inflight"),
+        ("max_stash", getattr(args, "max_stash", None), "--max-stash"),
     ):
         if value is None:
             continue

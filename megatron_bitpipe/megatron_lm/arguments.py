@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-inflight", type=int, default=None, help="bitpipe: activations in flight per direction"
     )
     group.add_argument(
+        "--max-stash",
+        type=int,
+        default=None,
+        help="bitpipe, bitpipe-zb: chunk activations stashed per rank, D..3D (default 2D)",
+    )
+    group.add_argument(
         "--pipeline-rank-order",
         default=rank_order.CONSECUTIVE,
         help="consecutive, or replica-pairs: pipeline ranks r and D-1-r in adjacent process slots",

@@ -35,6 +35,13 @@ official order), for N < 4D the steady state where its closed form does, and in 
 if ``max_inflight`` (microbatches in flight per direction, default D) allows D; otherwise it
 runs the official order. Every form is checked against the simulator in tests, so the choice
 costs at most one reorder per D at plan time and is never slower with F=1, B=2.
+
+``max_stash`` (D..3D chunk activations per rank, excludes ``max_inflight``; default: all of the
+above, 2D) is the memory/time knob: ``capped_programs`` takes the least idle (F=1, B=2) order
+whose peak stash fits, among today's order (cap >= 2D), the reordered ends re-timed under caps
+above 2D (N >= 4D) and the stretched ideal-timeline orders of ``Stretch``. Above 2D the idle
+drops (6 -> 4, 15 -> 10, 34 -> 25 for D = 4, 8, 16 at N = 4D); below 2D the peak drops to the
+cap and the idle rises, with a bubble per microbatch pair that grows with N.
 """
 
 from __future__ import annotations
@@ -75,13 +82,34 @@ def check_official(num_ranks: int, num_microbatches: int, **options: object) -> 
     check_replica_pairs("bitpipe-official", num_ranks, num_microbatches)
 
 
-def check_inflight(num_ranks: int, num_microbatches: int, max_inflight: int | None = None) -> None:
-    """``check`` plus: ``max_inflight`` must leave room for one official unit (D/2)."""
+def check_inflight(
+    num_ranks: int,
+    num_microbatches: int,
+    max_inflight: int | None = None,
+    max_stash: int | None = None,
+) -> None:
+    """``check`` plus: ``max_inflight`` must leave room for one official unit (D/2), and
+    ``check_stash``; the two knobs exclude each other."""
     check(num_ranks, num_microbatches)
     if max_inflight is not None and max_inflight < num_ranks // 2:
         raise ScheduleConfigError(
             f"bitpipe: --max-inflight {max_inflight} must be >= D/2 = {num_ranks // 2}: every "
             f"BitPipe order keeps a block of D/2 microbatches per direction in flight"
+        )
+    check_stash("bitpipe", num_ranks, max_stash)
+    if max_inflight is not None and max_stash is not None:
+        raise ScheduleConfigError(
+            "bitpipe: --max-stash and --max-inflight exclude each other: --max-stash picks the "
+            "order itself; give one of them"
+        )
+
+
+def check_stash(name: str, num_ranks: int, max_stash: int | None) -> None:
+    """``max_stash``, if given, must lie in [D, 3D] chunk activations per rank."""
+    if max_stash is not None and not num_ranks <= max_stash <= 3 * num_ranks:
+        raise ScheduleConfigError(
+            f"{name}: --max-stash {max_stash} must be between D = {num_ranks} and 3D = "
+            f"{3 * num_ranks}: chunk activations stashed per rank (default: 2D as today)"
         )
 
 
@@ -290,7 +318,13 @@ def _dependencies(
 
 
 def _list_schedule(
-    num_ranks: int, programs: list[list[int]], window: int, horizon: int | None, reverse: bool
+    num_ranks: int,
+    programs: list[list[int]],
+    window: int,
+    horizon: int | None,
+    reverse: bool,
+    cap: int | None = None,
+    lookahead: int | None = None,
 ) -> tuple[list[list[int]], int] | None:
     """Time ``programs`` (already in the pass's time order) with F=1, B=2 and reorder the first
     ``window`` ops of each rank; stop once every rank has run its first ``horizon`` ops (None:
@@ -300,12 +334,13 @@ def _list_schedule(
     or by an input arriving) act in rank order. A free rank runs the first of its next D/2+2
     unplaced window ops whose inputs are there, skipping an op that would stash more than 2D
     chunk activations (an F; a B when ``reverse``); past its window it runs its program in
-    order. With ``window`` 0 and ``horizon`` None this is the simulator's timeline."""
+    order. With ``window`` 0 and ``horizon`` None this is the simulator's timeline. ``cap`` and
+    ``lookahead`` replace 2D and D/2+2 (the memory knob's reordered ends)."""
     width = 8 * num_ranks
     needs, enables = _dependencies(num_ranks, reverse)
     stashing = 1 if reverse else 0
-    lookahead = num_ranks // 2 + 2
-    cap = 2 * num_ranks
+    lookahead = num_ranks // 2 + 2 if lookahead is None else lookahead
+    cap = 2 * num_ranks if cap is None else cap
     never = 1 << 62
     end = [never] * (max(max(program) for program in programs) + 1)
     unplaced = [program[:window] for program in programs]
@@ -366,16 +401,22 @@ def _list_schedule(
     return [order + program[window:] for order, program in zip(chosen, programs)], latest
 
 
-def _reorder_ops(num_ranks: int, programs: list[list[int]]) -> list[list[int]] | None:
-    """The warm-up pass, then the cool-down pass backwards in time; None if either stalls."""
+def _reorder_ops(
+    num_ranks: int,
+    programs: list[list[int]],
+    cap: int | None = None,
+    lookahead: int | None = None,
+) -> list[list[int]] | None:
+    """The warm-up pass, then the cool-down pass backwards in time; None if either stalls.
+    ``cap`` / ``lookahead``: as in ``_list_schedule`` (default 2D and D/2+2)."""
     window = reorder_window(num_ranks)
     # warm-up: the first 6D ops of every rank, list-scheduled forwards in time
-    warmed = _list_schedule(num_ranks, programs, window, window, reverse=False)
+    warmed = _list_schedule(num_ranks, programs, window, window, False, cap, lookahead)
     if warmed is None:
         return None
     # cool-down: the last 6D ops, list-scheduled on the reversed programs (B before F)
     backwards = [program[::-1] for program in warmed[0]]
-    cooled = _list_schedule(num_ranks, backwards, window, window, reverse=True)
+    cooled = _list_schedule(num_ranks, backwards, window, window, True, cap, lookahead)
     if cooled is None:
         return None
     return [program[::-1] for program in cooled[0]]
@@ -414,11 +455,16 @@ class ReorderedEnds:
 
 
 @functools.lru_cache(maxsize=None)
-def reordered_ends(num_ranks: int) -> ReorderedEnds | None:
-    """The reordered ends of D ranks, computed at N0 = 4D; None if a pass stalls."""
+def reordered_ends(
+    num_ranks: int, cap: int | None = None, lookahead: int | None = None
+) -> ReorderedEnds | None:
+    """The reordered ends of D ranks, computed at N0 = 4D; None if a pass stalls. ``cap``
+    (default 2D) bounds the chunk activations the passes let a rank stash, ``lookahead``
+    (default D/2+2) how far ahead they look."""
     base = REORDER_FROM_UNITS * num_ranks
     steady = steady_programs(num_ranks, base)
-    reordered = _reorder_ops(num_ranks, [_encode(num_ranks, program) for program in steady])
+    encoded = [_encode(num_ranks, program) for program in steady]
+    reordered = _reorder_ops(num_ranks, encoded, cap, lookahead)
     if reordered is None:
         return None
     window = reorder_window(num_ranks)
@@ -434,10 +480,13 @@ def _shifted(program: tuple[Action, ...], shift: int) -> tuple[Action, ...]:
     return tuple(Action(stage, kind, m + shift) for stage, kind, m in program)
 
 
-def reordered_programs(num_ranks: int, num_microbatches: int) -> tuple[tuple[Action, ...], ...]:
+def reordered_programs(
+    num_ranks: int, num_microbatches: int, ends: ReorderedEnds | None = None
+) -> tuple[tuple[Action, ...], ...]:
     """The steady state with reordered ends, N >= 4D: the cached head, the steady middle, the
-    cached tail with microbatches shifted by N - N0 (a multiple of D: same directions)."""
-    ends = reordered_ends(num_ranks)
+    cached tail with microbatches shifted by N - N0 (a multiple of D: same directions).
+    ``ends``: default ``reordered_ends(D)``."""
+    ends = reordered_ends(num_ranks) if ends is None else ends
     assert ends is not None, "only called where reordered_ends exists"
     shift = num_microbatches - REORDER_FROM_UNITS * num_ranks
     window = reorder_window(num_ranks)
@@ -445,6 +494,193 @@ def reordered_programs(num_ranks: int, num_microbatches: int) -> tuple[tuple[Act
     return tuple(
         head + middle[window:-window] + _shifted(tail, shift)
         for head, middle, tail in zip(ends.head, steady, ends.tail, strict=True)
+    )
+
+
+# --- the memory knob: orders under a stash cap ---------------------------------------------
+# ``max_stash`` (D..3D chunk activations per rank) picks, among a fixed pool of orders, the one
+# with the least idle time (F=1, B=2) whose peak stash is within the cap. Each candidate's
+# peak is measured on its own programs, so the cap always holds; the pool for a larger cap
+# contains the pool for a smaller one, so the chosen idle never grows with the cap.
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """An order from an ideal timeline: microbatch pair j (the j-th down and the j-th up
+    microbatch) starts at ``period * j`` (the up one ``offset`` later); its forward at pipeline
+    position k is due ``forward_hop / 2 * k`` after its start, and its backward at position k
+    ``backward_hop / 2 * (2D-1-k)`` after the last forward ends. Every rank runs its actions in
+    due order (ties: backwards first, then microbatch, then stage). Due times grow along every
+    dependency, so the order cannot deadlock. Short hops (1 and 2 units, the critical path)
+    stash about D+1 chunk activations per rank; 3 and 3 stash 2D as the steady state does; a
+    period over 12 units (one pair's work per rank) stashes less again, at a bubble per pair."""
+
+    forward_hop: int
+    backward_hop: int
+    offset: int
+    period: int = 12
+
+
+STRETCHES: tuple[Stretch, ...] = tuple(
+    Stretch(forward, backward, offset)
+    for forward, backward in ((2, 4), (3, 4), (4, 4), (4, 5), (4, 6), (5, 5), (5, 6), (6, 6))
+    for offset in (0, 6)
+) + tuple(
+    Stretch(2, 4, offset, period)
+    for period in (13, 14, 15, 16, 18, 24, 36)
+    for offset in (0, 6)
+)
+"""The stretched orders the knob chooses from (every D); ``serial_stretch`` is added to them."""
+
+
+def serial_stretch(num_ranks: int) -> Stretch:
+    """One microbatch at a time (the period is a microbatch's whole span): stashes 2 <= D."""
+    return Stretch(2, 4, 6 * num_ranks, 12 * num_ranks)
+
+
+def stretched_programs(
+    num_ranks: int, num_microbatches: int, stretch: Stretch
+) -> tuple[tuple[Action, ...], ...]:
+    """Every rank's order in the ideal timeline of ``stretch`` (times in half units)."""
+    per_pipeline = 2 * num_ranks
+    rank_of = bitpipe_placement(num_ranks).stage_ranks
+    last_forward = stretch.forward_hop * (per_pipeline - 1) + 2
+    due: list[list[tuple[int, int, int, Action]]] = [[] for _ in range(num_ranks)]
+    for pipeline, microbatches in enumerate(_microbatches_by_pipeline(num_ranks, num_microbatches)):
+        for pair, microbatch in enumerate(microbatches):
+            start = 2 * (stretch.period * pair + stretch.offset * pipeline)
+            for position in range(per_pipeline):
+                stage = pipeline * per_pipeline + position
+                rank = due[rank_of[stage]]
+                forward = start + stretch.forward_hop * position
+                backward = start + last_forward + stretch.backward_hop * (per_pipeline - 1 - position)
+                rank.append((forward, 1, microbatch, Action(stage, Kind.F, microbatch)))
+                rank.append((backward, 0, microbatch, Action(stage, Kind.B, microbatch)))
+    return tuple(tuple(item[3] for item in sorted(rank)) for rank in due)
+
+
+def stash_peak(programs: tuple[tuple[Action, ...], ...]) -> int:
+    """Most chunk activations any rank stashes: +1 at F, -1 at B or, for split programs, at W."""
+    split = any(action.kind is Kind.W for program in programs for action in program)
+    freeing = Kind.W if split else Kind.B
+    peak = 0
+    for program in programs:
+        live = 0
+        for action in program:
+            if action.kind is Kind.F:
+                live += 1
+                peak = max(peak, live)
+            elif action.kind is freeing:
+                live -= 1
+    return peak
+
+
+def stash_eval_microbatches(num_ranks: int, num_microbatches: int) -> int:
+    """Where the knob measures idle to choose an order: N itself up to 8D, else 8D."""
+    return min(num_microbatches, 8 * num_ranks)
+
+
+def simulated_idle(programs: tuple[tuple[Action, ...], ...], num_ranks: int, split: bool) -> float:
+    """Idle per rank (makespan - most busy) with F=1, B=2 (I=W=1 when ``split``)."""
+    from megatron_bitpipe.schedules.simulate import Costs, simulate
+
+    costs = Costs(forward=1, backward=2, input_grad=1, weight_grad=1)
+    num_microbatches = len(programs[0]) // (6 if split else 4)
+    result = simulate(_schedule("probe", num_ranks, num_microbatches, programs), costs)
+    return result.makespan - max(result.busy)
+
+
+@functools.lru_cache(maxsize=None)
+def stretch_table(
+    num_ranks: int, num_microbatches: int, split: bool
+) -> tuple[tuple[int, float, Stretch], ...]:
+    """``(peak, idle, stretch)`` of every pool order at ``num_microbatches`` (split orders: the
+    F/B order with its Ws placed by ``weight_fill.fill`` under its own F/B peak, which keeps the
+    split peak at or under it)."""
+    from megatron_bitpipe.schedules.weight_fill import fill
+
+    table = []
+    for stretch in STRETCHES + (serial_stretch(num_ranks),):
+        programs = stretched_programs(num_ranks, num_microbatches, stretch)
+        peak = stash_peak(programs)
+        if split:
+            placement = bitpipe_placement(num_ranks)
+            programs = fill(placement, programs, num_microbatches, cap=peak)
+            peak = stash_peak(programs)
+        table.append((peak, simulated_idle(programs, num_ranks, split), stretch))
+    return tuple(table)
+
+
+def capped_reorder_caps(num_ranks: int, max_stash: int) -> tuple[int, ...]:
+    """Caps above 2D the reordered ends are tried with: 2D + k * max(1, D/4) up to ``max_stash``
+    (a fixed ladder, so a larger ``max_stash`` tries a superset)."""
+    step = max(1, num_ranks // 4)
+    return tuple(range(2 * num_ranks + step, max_stash + 1, step))
+
+
+def best_stretch(
+    num_ranks: int, num_microbatches: int, max_stash: int, split: bool
+) -> tuple[float, Stretch] | None:
+    """The pool order with the least idle (measured at ``stash_eval_microbatches``) whose peak
+    is at most ``max_stash``; ties: the earlier in the pool. None if none fits."""
+    probe = stash_eval_microbatches(num_ranks, num_microbatches)
+    fitting = [
+        (idle, index, stretch)
+        for index, (peak, idle, stretch) in enumerate(stretch_table(num_ranks, probe, split))
+        if peak <= max_stash
+    ]
+    if not fitting:
+        return None
+    idle, _, stretch = min(fitting)
+    return idle, stretch
+
+
+def default_order_idle(num_ranks: int, num_microbatches: int) -> float:
+    """Idle (F=1, B=2) of today's default ``bitpipe`` order (every form is pinned by tests)."""
+    order = _choose_order(num_ranks, num_microbatches, num_ranks)
+    if order == "reordered":
+        ends = reordered_ends(num_ranks)
+        assert ends is not None
+        return ends.idle
+    if order == "steady":
+        return steady_idle(num_ranks)
+    return official_idle(num_ranks, num_microbatches)
+
+
+def capped_programs(
+    num_ranks: int, num_microbatches: int, max_stash: int
+) -> tuple[tuple[tuple[Action, ...], ...], str]:
+    """``bitpipe``'s order under ``max_stash`` and its name: the least idle (F=1, B=2) of
+    today's order (from a cap of 2D), the reordered ends re-timed under the caps of
+    ``capped_reorder_caps`` (N >= 4D, D >= 4) and the stretched pool orders within the cap.
+    Ties: that order. The peak stash of the result is at most ``max_stash``."""
+    candidates: list[tuple[float, int, str, object]] = []
+    if max_stash >= 2 * num_ranks:
+        candidates.append((default_order_idle(num_ranks, num_microbatches), 0, "default", None))
+        if num_ranks >= 4 and num_microbatches >= REORDER_FROM_UNITS * num_ranks:
+            for cap in capped_reorder_caps(num_ranks, max_stash):
+                for lookahead in (num_ranks // 2 + 2, num_ranks + 2):
+                    ends = reordered_ends(num_ranks, cap, lookahead)
+                    if ends is not None:
+                        candidates.append((ends.idle, len(candidates), f"reordered-{cap}", ends))
+    stretched = best_stretch(num_ranks, num_microbatches, max_stash, split=False)
+    if stretched is not None:
+        candidates.append((stretched[0], len(candidates), "stretched", stretched[1]))
+    _, _, name, chosen = min(candidates, key=lambda candidate: candidate[:2])
+    if name == "default":
+        default = generate(num_ranks, num_microbatches)
+        return default.programs, str(dict(default.options)["order"])
+    if isinstance(chosen, ReorderedEnds):
+        return reordered_programs(num_ranks, num_microbatches, chosen), name
+    assert isinstance(chosen, Stretch)
+    return stretched_programs(num_ranks, num_microbatches, chosen), stretch_name(chosen)
+
+
+def stretch_name(stretch: Stretch) -> str:
+    """The stretched order's label in ``Schedule.options``."""
+    return (
+        f"stretched-f{stretch.forward_hop}-b{stretch.backward_hop}"
+        f"-o{stretch.offset}-p{stretch.period}"
     )
 
 
@@ -494,11 +730,21 @@ def _choose_order(num_ranks: int, num_microbatches: int, limit: int) -> str:
     return "steady" if steady_idle(num_ranks) < official else "official"
 
 
-def generate(num_ranks: int, num_microbatches: int, max_inflight: int | None = None) -> Schedule:
+def generate(
+    num_ranks: int,
+    num_microbatches: int,
+    max_inflight: int | None = None,
+    max_stash: int | None = None,
+) -> Schedule:
     """The fastest (F=1, B=2 per chunk) of the official order, the steady state and the steady
     state with reordered ends (N >= 4D) that keeps at most ``max_inflight`` microbatches per
     direction in flight (default D; the official order needs D/2, the others D). All stash at
-    most 2D chunk activations per rank."""
+    most 2D chunk activations per rank. With ``max_stash`` (D..3D, excludes ``max_inflight``):
+    ``capped_programs``, which stashes at most ``max_stash``."""
+    if max_stash is not None:
+        programs, order = capped_programs(num_ranks, num_microbatches, max_stash)
+        options = (("max_stash", max_stash), ("order", order))
+        return _schedule("bitpipe", num_ranks, num_microbatches, programs, options)
     limit = num_ranks if max_inflight is None else max_inflight
     order = _choose_order(num_ranks, num_microbatches, limit)
     if order == "reordered":
@@ -517,7 +763,7 @@ register(
         generate=generate,
         check=check_inflight,
         summary="BitPipe, bidirectional V (arXiv 2410.19367) with a steady state: idle flat in N",
-        options=("max_inflight",),
+        options=("max_inflight", "max_stash"),
         bidirectional=True,
         chunks_per_rank=4,
     )
