@@ -7,8 +7,8 @@ on NCCL (``runtime.nccl_rules`` replays it): the compute actions are timed with 
   * a message's SEND and its RECV stand at the same point of that order, the end of the action
     that produces it: the SEND follows its producer (F -> SEND_F, B/I -> SEND_B), after only the
     receives of messages that lower ranks send at that moment, and the peer posts the receive
-    there, before its consumer. The V turn and other same-rank hand-overs
-    get no message. Receives from one peer come in the order that peer sends (NCCL ignores tags);
+    there, before its consumer. The V turn and other same-rank hand-overs get no message.
+    Receives from one peer come in the order that peer sends (NCCL ignores tags);
   * REDUCE_GRAD(stage) stands, on both replicas (two pipelines) or on its rank (data parallel
     only), where the later of the two replicas has run the stage's last backward (eager sync).
 
