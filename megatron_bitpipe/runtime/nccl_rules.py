@@ -223,12 +223,21 @@ def gradient_communicator(placement: Placement, rank: int) -> str:
     return f"data-parallel {rank}"
 
 
-def record_step(lowered: Schedule, rank: int, *, channels: bool = True) -> list[HostCall]:
-    """The calls ``rank`` makes in one training step of ``lowered`` (see the module docstring)."""
+def record_step(
+    lowered: Schedule,
+    rank: int,
+    *,
+    channels: bool = True,
+    completions: dict[Action, tuple[Action, ...]] | None = None,
+) -> list[HostCall]:
+    """The calls ``rank`` makes in one training step of ``lowered`` (see the module docstring);
+    ``completions``: the rank's part of ``send_completions(lowered)`` (computed if None)."""
     placement = lowered.placement
     recorder = _Recorder()
     stages = _NullStages(placement, rank, recorder)
-    p2p = _RecordingP2P(placement, rank, recorder, channels, send_completions(lowered)[rank])
+    if completions is None:
+        completions = send_completions(lowered)[rank]
+    p2p = _RecordingP2P(placement, rank, recorder, channels, completions)
     executor = Executor(placement, rank, stages, p2p)
     recorder.executor = executor
     recorder.phase = "the end of the program"
@@ -289,12 +298,11 @@ def replay(
         raise ValueError(f"connections must be >= 1 or None, got {connections}")
     gpus = [_Gpu(rank, calls, connections) for rank, calls in enumerate(programs)]
     world = _World(members, gpus)
-    progress = True
-    while progress:
-        progress = False
-        for gpu in gpus:
-            progress |= world.advance_host(gpu)
-            progress |= world.dispatch(gpu)
+    while world.changed:
+        gpu = gpus[world.changed.popleft()]
+        world.waiting.discard(gpu.rank)
+        world.advance_host(gpu)
+        world.dispatch(gpu)
     stuck = [gpu for gpu in gpus if not gpu.finished]
     if stuck:
         raise NcclDeadlock("; ".join(world.why_stuck(gpu) for gpu in stuck))
@@ -371,6 +379,14 @@ class _World:
         self.created: set[str] = set()
         self.arrived: dict[str, set[int]] = defaultdict(set)
         self.running: dict[tuple[str, int], _Op] = {}
+        self.changed: deque[int] = deque(range(len(gpus)))
+        """Ranks to look at again: something they may wait for has happened."""
+        self.waiting: set[int] = set(self.changed)
+
+    def touch(self, rank: int) -> None:
+        if rank not in self.waiting:
+            self.waiting.add(rank)
+            self.changed.append(rank)
 
     def advance_host(self, gpu: _Gpu) -> bool:
         """Make ``gpu``'s host calls until one blocks (creation, a device-wide sync)."""
@@ -386,6 +402,8 @@ class _World:
                 if not self.arrived[name] >= set(self.members[name]):
                     break
                 self.created.add(name)
+                for member in self.members[name]:
+                    self.touch(member)
             if call.kind != SYNC:
                 gpu.launch(call)
             gpu.cursor += 1
@@ -435,6 +453,7 @@ class _World:
     def _complete(self, op: _Op) -> None:
         op.state = _Op.COMPLETE
         self.gpus[op.rank].incomplete -= 1
+        self.touch(op.rank)
         if op.call.kind != WAIT:
             del self.running[(op.call.communicator, op.rank)]
 
@@ -477,11 +496,12 @@ def first_step_calls(
 ) -> list[list[HostCall]]:
     """Every rank's calls in the first step, with the set-up first when ``initialize``."""
     specs = step_communicators(lowered.placement)
+    completions = send_completions(lowered)
     programs = []
     for rank in range(lowered.num_ranks):
         calls = setup_calls(specs, rank) if initialize else []
         offset = len(calls)
-        step = record_step(lowered, rank, channels=channels)
+        step = record_step(lowered, rank, channels=channels, completions=completions[rank])
         calls += [call._replace(handle=call.handle + offset) for call in step]
         programs.append(calls)
     return programs
