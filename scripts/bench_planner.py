@@ -6,8 +6,8 @@
 Cases: D=64, N=1024 and D=8, N=64, with vp=2 for schedules that take --vp; a schedule that
 rejects a case is skipped with its reason. Each step is timed with time.perf_counter (or, with
 --clock cpu, time.process_time, steadier on a shared machine), best of --repeat runs. Exits 1
-if any generate+validate takes longer than --limit seconds (DESIGN.md: "any schedule with
-D <= 64, N <= 1024 is generated and validated in well under a second"), so the script doubles
+if any generate+validate takes longer than --limit seconds (the project's bar: any schedule with
+D <= 64, N <= 1024 is generated and validated in well under a second), so the script doubles
 as a check. --profile NAME prints where the time goes for NAME at D=64.
 """
 

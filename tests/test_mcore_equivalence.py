@@ -1,4 +1,4 @@
-"""The oracle (DESIGN.md): every schedule and layout trains like one process does.
+"""The oracle: every schedule and layout trains like one process does.
 
 Each launch runs ``megatron_bitpipe.train`` on CPU/gloo with several schedules one after the
 other in one process group (same initial weights, same data), and every schedule is compared with

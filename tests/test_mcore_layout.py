@@ -21,7 +21,7 @@ def chunk_layers(layout, rank):
 
 
 def test_bitpipe_layers_match_the_official_worked_example():
-    # notes/bitpipe.md 1.2: 16 layers, D = 4, 2 layers per chunk
+    # BitPipe's placement: 16 layers, D = 4, 2 layers per chunk
     layout = StageLayout(bitpipe(4), 16)
     assert chunk_layers(layout, 0) == [[0, 1], [6, 7], [14, 15], [8, 9]]
     assert chunk_layers(layout, 1) == [[2, 3], [4, 5], [12, 13], [10, 11]]

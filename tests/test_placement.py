@@ -1,4 +1,4 @@
-"""Placements put every stage on exactly one rank, as DESIGN.md's tables say."""
+"""Placements put every stage on exactly one rank, as the placement tables in schedules/placement.py say."""
 
 import pytest
 

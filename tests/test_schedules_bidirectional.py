@@ -19,7 +19,7 @@ V_SHAPED = ("bitpipe", "bitpipe-official")
 GRID = [(d, k * d) for d in (2, 4, 8) for k in (1, 2, 4)]
 CHUNK_COSTS = Costs(forward=1.0, backward=2.0)
 
-# notes/bitpipe.md 1.5: the official code's order, 1-based "F<microbatch><d|u><stage>", no syncs
+# wuhouming/BitPipe's bitpipe_schedule.py: the official code's order, 1-based "F<microbatch><d|u><stage>", no syncs
 OFFICIAL_D4_N4 = """
 F1d1 F2d1 F3u4 F3u5 F4u4 F4u5 F1d8 B1d8 F2d8 B2d8 B3u5 B3u4 B4u5 B4u4 B1d1 B2d1
 F1d2 F3u3 F2d2 F4u3 F3u6 F1d7 F4u6 F2d7 B1d7 B3u6 B2d7 B4u6 B3u3 B1d2 B4u3 B2d2
@@ -36,7 +36,7 @@ F3u2 F1d3 F4u2 F2d3 F1d6 F3u7 F2d6 F4u7 B3u7 B1d6 B4u7 B2d6 B1d3 B3u2 B2d3 B4u2
 F3u1 F4u1 F1d4 F1d5 F2d4 F2d5 F3u8 B3u8 F4u8 B4u8 B1d5 B1d4 B2d5 B2d4 B3u1 F7u1
   B4u1 F8u1 F5d4 F5d5 F6d4 F6d5 F7u8 B7u8 F8u8 B8u8 B5d5 B5d4 B6d5 B6d4 B7u1 B8u1
 """
-# notes/bitpipe.md 5: Chimera's generator, D=4, N=4 (slot order, syncs left out)
+# a reference Chimera generator's order, D=4, N=4 (slot order, syncs left out)
 CHIMERA_D4_N4 = """
 F1d1 F2d1 F3u4 B3u4 F4u4 B4u4 B1d1 B2d1
 F1d2 F3u3 F2d2 F4u3 B3u3 B1d2 B4u3 B2d2

@@ -112,7 +112,7 @@ def test_interleaved_rank0_peak_is_megatron_warmup_plus_one(num_ranks, vp):
     assert peaks[0] == 2 * (num_ranks - 1) + (vp - 1) * num_ranks + 1
 
 
-# --- pinned op orders (notes/bfs_vshape.md) ------------------------------------------------
+# --- pinned op orders (reference implementations) --------------------------------------------
 
 
 def test_1f1b_rank0_order_for_d4_n8():
@@ -122,7 +122,7 @@ def test_1f1b_rank0_order_for_d4_n8():
 
 
 def test_interleaved_rank0_order_depth_first_group_4():
-    # the prefix is notes/bfs_vshape.md A1; the tail follows megatron's cool-down
+    # a pinned reference prefix; the tail follows megatron's cool-down
     schedule = build("interleaved-1f1b", 4, 8, vp=2, microbatch_group_size=4)
     expected = (
         "0F0 0F1 0F2 0F3 4F0 4F1 4F2 4F3 0F4 0F5 0F6 4B0 0F7 4B1 4F4 4B2 4F5 4B3 4F6 0B0 4F7 0B1 "

@@ -1,10 +1,10 @@
 """V-Min, V-Half and V-ZB (arXiv 2405.15362) on the V placement.
 
-The figures are the zero-bubble fork's, as notes/bfs_vshape.md B1 measured them:
+The figures are the zero-bubble fork's, as measured from it:
   * peak memory in chunk activations, +1 at F and -1 at W (``simulate``'s count);
   * bubble with F = I = W = 1 and no communication time, the fork's way: the longest rank span
     (first start to last end) minus one rank's busy time. It leaves out the start skew, since
-    iterations tile. One rank's F+B+W of one microbatch is 6 slots; the note's units are those.
+    iterations tile. One rank's F+B+W of one microbatch is 6 slots; the figures are in those units.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def test_v_zb_makespan_is_busy_time_plus_the_start_skew(num_ranks, num_microbatc
     assert result.makespan == busy + num_ranks - 1
 
 
-# --- orders against the fork (notes/bfs_vshape.md, D=4, m=8) ---------------------------------
+# --- orders against the fork (D=4, m=8) -------------------------------------------------------
 
 # upper case: the rank's down-leg stage r; lower case: its up-leg stage 7-r; B/b the input grad
 NOTE_D4_M8 = {

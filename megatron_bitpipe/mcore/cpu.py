@@ -1,6 +1,6 @@
 """Let megatron-core run on CPU with gloo (tests, laptops); nothing changes when CUDA is present.
 
-megatron-core hard-codes CUDA in a few places (notes/megatron_core.md section 5). ``apply()``
+megatron-core hard-codes CUDA in a few places. ``apply()``
 installs the smallest workaround for each, once per process:
 
 * factory calls with ``device="cuda"`` and ``Tensor.cuda()`` stay on the CPU;

@@ -2,7 +2,7 @@
 
 Single-pipeline placements: the ordinary data-parallel group. Bidirectional placements (Chimera,
 BitPipe): every stage lives on pipeline rank ``r`` and on its partner (``D-1-r``), so the group is
-that replica pair times the data-parallel ranks of both (notes/bitpipe.md 1.2, 1.8). Groups are
+that replica pair times the data-parallel ranks of both. Groups are
 created with ``new_group`` in one sorted order on every rank, with the run's timeout.
 """
 

@@ -1,7 +1,7 @@
 """Megatron-LM's training loop on CPU with gloo (tests, laptops): applied only without CUDA.
 
 On top of ``megatron_bitpipe.mcore.cpu`` (megatron-core's CUDA assumptions), Megatron-LM's own
-loop needs the workarounds below, each the smallest one found (notes/megatron_lm.md 3.2; checked
+loop needs the workarounds below, each the smallest one found (checked
 against core_v0.16.1). ``apply(argv)`` installs them and returns ``argv`` with the flags a CPU
 run needs, unless the user gave the flag or its opposite.
 """

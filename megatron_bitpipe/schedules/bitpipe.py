@@ -2,8 +2,8 @@
 
 Microbatch m goes down iff ``m % D < D/2``: blocks of D/2 alternate down/up. Two schedules:
 
-``bitpipe-official``: the op order of wuhouming/BitPipe's ``bitpipe_schedule.py`` (notes/bitpipe.md
-section 1.6): units of D microbatches, directly concatenated. With F=1, B=2 per chunk its idle
+``bitpipe-official``: the op order of wuhouming/BitPipe's ``bitpipe_schedule.py``
+(``get_microbatch_idx`` / ``get_bkmicrobatch_idx``): units of D microbatches, directly concatenated. With F=1, B=2 per chunk its idle
 time per rank is (N/D + 1)(D - 2): it grows by D-2 with every unit.
 
 ``bitpipe``: the faster of the official order and a steady-state order whose idle time does not
@@ -120,7 +120,7 @@ def microbatch_pipelines(num_ranks: int, num_microbatches: int) -> tuple[int, ..
 
 
 def chunk_stage(num_ranks: int, rank: int, chunk: Chunk) -> int:
-    """Global stage of ``(pipeline, half)`` on ``rank`` (DESIGN.md BitPipe table)."""
+    """Global stage of ``(pipeline, half)`` on ``rank`` (``placement.bitpipe``'s chunk table)."""
     pipeline, half = chunk
     mirrored = rank if pipeline == DOWN else num_ranks - 1 - rank
     position = mirrored if half == 0 else 2 * num_ranks - 1 - mirrored
@@ -217,7 +217,7 @@ def _official_program(
 
 
 def official_programs(num_ranks: int, num_microbatches: int) -> tuple[tuple[Action, ...], ...]:
-    """Every rank's op order exactly as wuhouming/BitPipe generates it (notes/bitpipe.md 1.6)."""
+    """Every rank's op order exactly as wuhouming/BitPipe generates it."""
     microbatches = _microbatches_by_pipeline(num_ranks, num_microbatches)
     return tuple(_official_program(num_ranks, rank, microbatches) for rank in range(num_ranks))
 

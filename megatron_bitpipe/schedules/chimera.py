@@ -9,8 +9,8 @@ in either pipeline, at pipeline position s::
     F in slot 2D*u + 2i + s,    B in slot 2D*u + 2i + 2D-1-s
 
 Down and up never claim the same slot of a rank, and unit u+1 starts 2D slots after unit u
-("direct concatenation"). Each rank runs its actions in slot order. D=4, N=4 (notes/bitpipe.md
-section 5, 1-based microbatches and stages)::
+("direct concatenation"). Each rank runs its actions in slot order. D=4, N=4 (a reference
+generator's slot table, 1-based microbatches and stages)::
 
     slot 0     1     2     3     4     5     6     7     8     9
     P1   F1d1    .   F2d1  F3u4  B3u4  F4u4  B4u4  B1d1    .   B2d1

@@ -176,7 +176,7 @@ class Schedule:
                 yield rank, position, action
 
     def to_csv(self) -> str:
-        """One line per rank, rank 0 first, actions comma separated, no header (DESIGN.md)."""
+        """One line per rank, rank 0 first, actions comma separated, no header."""
         return "".join(",".join(str(a) for a in program) + "\n" for program in self.programs)
 
 

@@ -6,7 +6,7 @@ Megatron's model list). Stages ``0..S-1`` are the down pipeline, ``S..2S-1`` the
     looped(4, 2)   rank r: stages r, r+4          (Megatron interleaved, breadth-first)
     vshape(4)      rank r: stages r, 7-r          (V-Min / V-Half / V-ZB)
     chimera(4)     rank r: down r, up 3-r
-    bitpipe(4)     rank r: down r, up 3-r, down 7-r, up 4+r   (DESIGN.md table)
+    bitpipe(4)     rank r: down r, up 3-r, down 7-r, up 4+r
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def chimera(num_ranks: int) -> Placement:
 
 
 def bitpipe(num_ranks: int) -> Placement:
-    """BitPipe (DESIGN.md): chunks hold down r, up D-1-r, down 2D-1-r, up D+r; S = 2D."""
+    """BitPipe (arXiv 2410.19367): chunks hold down r, up D-1-r, down 2D-1-r, up D+r; S = 2D."""
     _check_ranks(num_ranks)
     per_pipeline = 2 * num_ranks
     stages = tuple(

@@ -2,7 +2,7 @@
 
     text_grid(simulate(s))     rank x time table of a simulated (or measured) run
     program_grid(s)            rank x position table, order only, for schedules without costs
-    to_csv(s) / from_csv(...)  DESIGN.md's CSV, one line per rank, and back
+    to_csv(s) / from_csv(...)  the schedule CSV, one line per rank, and back
     chrome_trace(events, ...)  {"traceEvents": [...]}, one process (track) per rank
     plot_png(result, path)     matplotlib lanes, one per rank (matplotlib imported only there)
 
@@ -146,7 +146,7 @@ def program_grid(schedule: Schedule) -> str:
 
 
 def to_csv(schedule: Schedule) -> str:
-    """DESIGN.md's CSV: one line per rank, rank 0 first, actions comma separated, no header."""
+    """The schedule CSV: one line per rank, rank 0 first, actions comma separated, no header."""
     return schedule.to_csv()
 
 
