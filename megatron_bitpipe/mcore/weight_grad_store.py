@@ -150,13 +150,17 @@ def _accumulate_weight_grad(
         grad_output, total_input = layers.prepare_input_tensors_for_wgrad_compute(grad_output, total_input)
         main_grad = getattr(weight, "main_grad", None)
         if main_grad is None:
-            grad = grad_output.t().matmul(total_input)
-            weight.grad = grad if weight.grad is None else weight.grad.add_(grad)
+            if weight.grad is None:
+                weight.grad = grad_output.t().matmul(total_input)
+            else:
+                weight.grad.addmm_(grad_output.t(), total_input)
         elif fused and _fused_kernel() is not None:
             accumulate = _fused_kernel().wgrad_gemm_accum_fp32
             if main_grad.dtype != torch.float32:
                 accumulate = _fused_kernel().wgrad_gemm_accum_fp16
             accumulate(total_input, grad_output, main_grad)
+        elif main_grad.dtype == grad_output.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
         else:
             main_grad.add_(grad_output.t().matmul(total_input))
 

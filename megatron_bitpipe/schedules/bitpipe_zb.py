@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 
-from megatron_bitpipe.schedules import bitpipe
+from megatron_bitpipe.schedules import bitpipe, gc_pause
 from megatron_bitpipe.schedules.ir import Action, Schedule
 from megatron_bitpipe.schedules.placement import bitpipe as bitpipe_placement
 from megatron_bitpipe.schedules.registry import ScheduleSpec, register
@@ -73,11 +73,12 @@ def capped_programs(
 def generate(num_ranks: int, num_microbatches: int, max_stash: int | None = None) -> Schedule:
     """The official BitPipe order with its backwards split and the Ws filling its bubbles; with
     ``max_stash``, ``capped_programs`` (at most ``max_stash`` chunk activations per rank)."""
-    if max_stash is None:
-        programs, options = default_programs(num_ranks, num_microbatches), ()
-    else:
-        programs, order = capped_programs(num_ranks, num_microbatches, max_stash)
-        options = (("max_stash", max_stash), ("order", order))
+    with gc_pause.paused():
+        if max_stash is None:
+            programs, options = default_programs(num_ranks, num_microbatches), ()
+        else:
+            programs, order = capped_programs(num_ranks, num_microbatches, max_stash)
+            options = (("max_stash", max_stash), ("order", order))
     return Schedule(
         NAME,
         bitpipe_placement(num_ranks),

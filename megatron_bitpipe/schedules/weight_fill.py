@@ -34,48 +34,53 @@ def fill(
 ) -> tuple[tuple[Action, ...], ...]:
     """The F/B ``programs`` split into F, I and W and reordered as the module docstring says."""
     n = num_microbatches
+    facts = placement.num_stages * n
+    # done[fact]: 1 once the fact's action has ended; forward facts at stage * n + microbatch,
+    # input-gradient facts at facts + stage * n + microbatch, and an always-done fact at 2 * facts
+    # for an action without an input. Ends of one step are committed after every rank has moved.
+    done = bytearray(2 * facts + 1)
+    done[2 * facts] = 1
+    none = 2 * facts
     stages = range(placement.num_stages)
-    previous = [placement.prev_stage(stage) for stage in stages]
-    following = [placement.next_stage(stage) for stage in stages]
-    forward_end = [-1] * (placement.num_stages * n)
-    input_end = [-1] * (placement.num_stages * n)
-    # per rank: its Fs and Is in order as (action, index, first input, second input) with inputs
-    # as (end list, index) pairs; -1 marks no input
-    queues = [_compute_queue(program, n, previous, following, forward_end, input_end) for program in programs]
+    # the fact index base of each stage's input: its previous stage's forwards, its next stage's
+    # input gradients (none: the always-done fact, for every microbatch)
+    forward_input = [none if placement.is_first(s) else (s - 1) * n for s in stages]
+    grad_input = [none if placement.is_last(s) else facts + (s + 1) * n for s in stages]
+    queues = [_compute_queue(program, n, facts, forward_input, grad_input) for program in programs]
     cursor = [0] * len(programs)
-    pending: list[deque[Action]] = [deque() for _ in programs]
+    pending: list[deque[tuple[Action, int]]] = [deque() for _ in programs]
     stash = [0] * len(programs)
     orders: list[list[Action]] = [[] for _ in programs]
-    left = sum(len(queue) for queue in queues) * 2 - sum(1 for q in queues for item in q if item[0].kind is Kind.F)
-    now = 0
+    left = sum(len(queue) + sum(1 for item in queue if item[1] >= facts) for queue in queues)
+    new_action = tuple.__new__
+    weight = Kind.W
+    lengths = [len(queue) for queue in queues]
     while left:
-        ran: list[tuple[list[int], int]] = []
+        ran: list[int] = []
         before = left
         for rank, queue in enumerate(queues):
             position = cursor[rank]
             waiting = pending[rank]
-            w_ready = bool(waiting) and 0 <= input_end[waiting[0].stage * n + waiting[0].microbatch] <= now
-            if position < len(queue):
-                action, index, (ends_a, a), (ends_b, b) = queue[position]
-                ready = (a < 0 or 0 <= ends_a[a] <= now) and (b < 0 or 0 <= ends_b[b] <= now)
-                if ready and not (action.kind is Kind.F and stash[rank] >= cap and w_ready):
+            if position < lengths[rank]:
+                action, fact, first, second = queue[position]
+                if done[first] and done[second] and (
+                    fact >= facts or stash[rank] < cap or not (waiting and done[waiting[0][1]])
+                ):
                     cursor[rank] = position + 1
                     orders[rank].append(action)
-                    if action.kind is Kind.F:
+                    ran.append(fact)
+                    if fact < facts:
                         stash[rank] += 1
-                        ran.append((forward_end, index))
                     else:
-                        waiting.append(action._replace(kind=Kind.W))
-                        ran.append((input_end, index))
+                        waiting.append((new_action(Action, (action[0], weight, action[2])), fact))
                     left -= 1
                     continue
-            if w_ready:
-                orders[rank].append(waiting.popleft())
+            if waiting and done[waiting[0][1]]:
+                orders[rank].append(waiting.popleft()[0])
                 stash[rank] -= 1
                 left -= 1
-        now += 1
-        for ends, index in ran:
-            ends[index] = now
+        for fact in ran:
+            done[fact] = 1
         if left == before:
             stuck = [str(queue[cursor[r]][0]) for r, queue in enumerate(queues) if cursor[r] < len(queue)]
             raise ScheduleError(f"weight-gradient fill cannot progress: waiting at {', '.join(stuck)}")
@@ -83,26 +88,23 @@ def fill(
 
 
 def _compute_queue(
-    program: Sequence[Action],
-    n: int,
-    previous: list[int | None],
-    following: list[int | None],
-    forward_end: list[int],
-    input_end: list[int],
-) -> list[tuple[Action, int, tuple[list[int], int], tuple[list[int], int]]]:
-    """The program's F and B as (F or I action, fact index, input, input)."""
+    program: Sequence[Action], n: int, facts: int, forward_input: list[int], grad_input: list[int]
+) -> list[tuple[Action, int, int, int]]:
+    """The program's F and B as (F or I action, fact it makes, fact it needs, fact it needs)."""
     queue = []
+    none = 2 * facts
+    new_action = tuple.__new__
+    forward, backward, input_grad = Kind.F, Kind.B, Kind.I
     for action in program:
         stage, kind, microbatch = action
         index = stage * n + microbatch
-        if kind is Kind.F:
-            before = previous[stage]
-            queue.append((action, index, (forward_end, -1 if before is None else before * n + microbatch), (input_end, -1)))
-        elif kind is Kind.B:
-            after = following[stage]
-            queue.append(
-                (action._replace(kind=Kind.I), index, (forward_end, index), (input_end, -1 if after is None else after * n + microbatch))
-            )
+        if kind is forward:
+            base = forward_input[stage]
+            queue.append((action, index, base if base == none else base + microbatch, none))
+        elif kind is backward:
+            base = grad_input[stage]
+            needed = base if base == none else base + microbatch
+            queue.append((new_action(Action, (stage, input_grad, microbatch)), facts + index, index, needed))
         else:
             raise ScheduleError(f"weight-gradient fill takes F and B orders, got {action}")
     return queue
