@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         "FILE.png (registry schedules only); {schedule} is replaced by the schedule name",
     )
     add(
+        "--profile-step",
+        default=None,
+        help="measured costs of one step (FILE.json; the last iteration, or the one before when "
+        "--measure-memory takes the last): every action's wall, wait and CPU time per rank, "
+        "the gradient-sync wait, the optimizer step, message and all-reduce calibrations; "
+        "{schedule} is replaced by the schedule name (megatron-bitpipe bench reads it)",
+    )
+    add(
         "--check-host-syncs",
         action="store_true",
         help="fail if the forward-backward step makes a host sync after iteration 1 (CUDA: "
@@ -180,6 +188,8 @@ def prepare_outputs(args: argparse.Namespace, plans: Sequence[RunPlan]) -> None:
     for plan in plans:
         if args.trace and plan.uses_registry:
             prepare_output(plan.output_path(args.trace), "--trace", suffixes=(".json",))
+        if args.profile_step and plan.uses_registry:
+            prepare_output(plan.output_path(args.profile_step), "--profile-step", suffixes=(".json",))
         if args.save_params:
             prepare_output(plan.output_path(args.save_params), "--save-params")
         if args.save:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,19 +76,23 @@ class _State:
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
     last_executor: Executor | None = None
     trace: bool = False
+    cpu_time: bool = False
+    last_finalize_seconds: float = 0.0
 
 
 _STATE = _State()
 
 
 @contextlib.contextmanager
-def tracing(enabled: bool = True) -> Iterator[None]:
-    """Steps run inside time their actions with CUDA events (GPU time in the trace)."""
-    previous, _STATE.trace = _STATE.trace, enabled
+def tracing(enabled: bool = True, *, cpu_time: bool = False) -> Iterator[None]:
+    """Steps run inside time their actions with CUDA events (GPU time in the trace); on a CPU,
+    with ``cpu_time``, also with each action's thread CPU time."""
+    previous = _STATE.trace, _STATE.cpu_time
+    _STATE.trace, _STATE.cpu_time = enabled, enabled and cpu_time
     try:
         yield
     finally:
-        _STATE.trace = previous
+        _STATE.trace, _STATE.cpu_time = previous
 
 
 @functools.lru_cache(maxsize=64)
@@ -164,7 +169,7 @@ def forward_backward_func(
     dtype = config.pipeline_dtype or config.params_dtype
     completions = _send_completions(choice, pp_group.size(), num_microbatches)[pp_rank]
     p2p = communication.p2p_for_step(placement, pp_rank, shape, dtype, completions)
-    clock = default_clock(trace=_STATE.trace)
+    clock = default_clock(trace=_STATE.trace, cpu_time=_STATE.cpu_time)
     executor = Executor(placement, pp_rank, callbacks, p2p, clock=clock)
     _STATE.last_executor = executor
     if forward_only:
@@ -174,7 +179,9 @@ def forward_backward_func(
         with _grad_checks_deferred(chunks) as checks:
             with _no_sync(chunks), _weight_grads_of_this_step():
                 executor.run(program)
+            finalize_start = time.perf_counter()
             _finalize(chunks, placement, config, callbacks, pg_collection, force_all_reduce)
+            _STATE.last_finalize_seconds = time.perf_counter() - finalize_start
         check_grads(chunks, *checks)
     if config.timers is not None:
         config.timers("forward-backward").stop()
@@ -215,6 +222,13 @@ def _extra_arguments(rest: dict[str, Any]) -> tuple[ScheduleChoice, Any, bool]:
             f"forward_backward_func got unexpected arguments: {', '.join(sorted(rest))}"
         )
     return choice, pg_collection, force_all_reduce
+
+
+def last_finalize_seconds() -> float:
+    """Host seconds the last training step spent finalizing gradients after its program: the
+    gradient syncs the program's REDUCE_GRADs did not finish in time, and the ones it leaves to
+    finalize (data parallel without a replica)."""
+    return _STATE.last_finalize_seconds
 
 
 def last_executor() -> Executor | None:

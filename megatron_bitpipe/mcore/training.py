@@ -33,6 +33,7 @@ from megatron_bitpipe.mcore import (
     diagnostics,
     forward_backward,
     guards,
+    step_profile,
 )
 from megatron_bitpipe.mcore.communication import (
     WAITS_VARIABLE,
@@ -260,14 +261,15 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
     first_gradients: dict[str, torch.Tensor] = {}
     for iteration in range(start + 1, args.train_iters + 1):
         traced = args.trace and plan.uses_registry and iteration == args.train_iters
-        trace_origin = _trace_origin() if traced else None
+        profiled = args.profile_step and plan.uses_registry and iteration == _profiled_iteration(args)
+        trace_origin = _trace_origin() if traced or profiled else None
         started = time.perf_counter()
         for chunk in session.model:
             chunk.zero_grad_buffer()
         session.optimizer.zero_grad()
         step_phase = guards.step_phase(session.deadline, iteration, args.step_timeout_seconds)
         checks = diagnostics.step_checks(args, iteration, session.findings)
-        with step_phase, checks, forward_backward.tracing(bool(traced)):
+        with step_phase, checks, forward_backward.tracing(bool(traced or profiled), cpu_time=bool(profiled)):
             faults.trigger("step", rank=dist.get_rank(), iteration=iteration)
             reported = session.run_step(data_iterator, forward_only=False)
         loss = _average_loss(reported)
@@ -276,6 +278,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
                 session.model, plan.placement, tied=session.tied, gradients=True
             )
             first_gradients = gather_to_first_rank(gradients)
+        optimizer_started = time.perf_counter()
         with guards.optimizer_phase(session.deadline, iteration, args.step_timeout_seconds):
             faults.trigger("optimizer", rank=dist.get_rank(), iteration=iteration)
             finite = guards.all_finite(session.model, loss, gradients=not args.fp16)
@@ -284,6 +287,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
             else:
                 updated, grad_norm = False, None
                 guards.on_non_finite(iteration, loss, stop=args.exit_on_nan)
+        optimizer_s = time.perf_counter() - optimizer_started
         guards.perturb_if_planned(session.model, iteration)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if loss is not None:
@@ -301,8 +305,10 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
             nan=not finite,
         )
         log(report.line())
-        if trace_origin is not None:
+        if traced:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
+        if profiled:
+            _write_step_profile(session, trace_origin, optimizer_s, elapsed_ms / 1e3)
         if args.check_replicas_every and iteration % args.check_replicas_every == 0:
             guards.check_replicas(session.model, session.groups, iteration)
         interval = args.save_interval or args.train_iters
@@ -448,6 +454,47 @@ def _average_loss(reported: list[Any]) -> float | None:
     group = parallel_state.get_data_parallel_group()
     dist.all_reduce(loss, group=group)
     return float(loss.item()) / group.size()
+
+
+def _profiled_iteration(args: argparse.Namespace) -> int:
+    """The iteration ``--profile-step`` measures: the last, or the one before it when the last
+    is measured for memory (under torch's profiler on a CPU)."""
+    return args.train_iters - 1 if args.measure_memory and args.train_iters > 1 else args.train_iters
+
+
+def _write_step_profile(session: _Session, origin: float, optimizer_s: float, step_s: float) -> None:
+    """``--profile-step``: this step's measured costs, then the message and sync calibrations."""
+    args, plan = session.args, session.plan
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    record = step_profile.rank_record(
+        session.model,
+        plan.placement.rank_stages[pp_rank],
+        origin,
+        forward_backward.last_finalize_seconds(),
+        optimizer_s,
+        step_s,
+    )
+    config = session.model[0].config
+    activation_numel = args.seq_length * args.micro_batch_size * args.hidden_size
+    dtype = config.pipeline_dtype or config.params_dtype
+    record["message"] = step_profile.calibrate_messages(
+        activation_numel // parallel_state.get_tensor_model_parallel_world_size()
+        if config.sequence_parallel
+        else activation_numel,
+        dtype,
+    )
+    record["sync"] = step_profile.calibrate_sync(session.model, session.groups.group)
+    header = {
+        "schedule": plan.schedule,
+        "options": dict(plan.schedule_options),
+        "num_ranks": plan.placement.num_ranks,
+        "num_microbatches": plan.num_microbatches,
+        "num_layers": args.num_layers,
+        "activation_bytes": activation_numel * torch.tensor([], dtype=dtype).element_size(),
+        "cpu_time": not torch.cuda.is_available(),
+        "iteration": _profiled_iteration(args),
+    }
+    step_profile.write(plan.output_path(args.profile_step), header, record)
 
 
 def _trace_origin() -> float:

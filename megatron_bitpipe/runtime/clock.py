@@ -67,6 +67,27 @@ class CudaEventClock:
         return self._origin_seconds + self._origin.elapsed_time(mark) / 1e3
 
 
-def default_clock(*, trace: bool = False) -> Clock:
-    """CUDA events for a traced step on a GPU; host time otherwise (no device work)."""
-    return CudaEventClock() if trace and torch.cuda.is_available() else WallClock()
+class ThreadTimeClock:
+    """Host time and this thread's CPU time (``time.thread_time``) at each mark: an action's CPU
+    time is what it costs on a core of its own, whatever else shares the machine's cores."""
+
+    def start(self) -> None:
+        return None
+
+    def mark(self) -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def seconds(self, mark: tuple[float, float]) -> float:
+        return mark[0]
+
+    def cpu_seconds(self, mark: tuple[float, float]) -> float:
+        """The thread's CPU time at the mark (seconds since an arbitrary origin)."""
+        return mark[1]
+
+
+def default_clock(*, trace: bool = False, cpu_time: bool = False) -> Clock:
+    """CUDA events for a traced step on a GPU; host (and, with ``cpu_time``, thread CPU) time
+    otherwise (no device work)."""
+    if trace and torch.cuda.is_available():
+        return CudaEventClock()
+    return ThreadTimeClock() if cpu_time else WallClock()

@@ -21,6 +21,7 @@ raises if anything is left stashed, handed over, unsent or unreceived.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -38,11 +39,17 @@ FORWARD_KINDS = frozenset({Kind.F, Kind.SEND_F, Kind.RECV_F})
 
 
 class TraceEvent(NamedTuple):
-    """One action as run, in ``time.perf_counter`` seconds (GPU time with a CUDA clock)."""
+    """One action as run, in ``time.perf_counter`` seconds (GPU time with a CUDA clock).
+
+    ``waited``: host seconds of the span spent waiting for a message from another rank (an
+    input activation or an output gradient); ``cpu``: the thread's CPU seconds over the span,
+    where the clock measures it (``ThreadTimeClock``), else None."""
 
     action: Action
     start: float
     end: float
+    waited: float = 0.0
+    cpu: float | None = None
 
 
 @dataclass
@@ -96,8 +103,16 @@ class Executor:
         """Every action of the last run with its start and end (read after the run)."""
         if self._trace is None:
             seconds = self.clock.seconds
+            cpu_seconds = getattr(self.clock, "cpu_seconds", None)
             self._trace = [
-                TraceEvent(action, seconds(start), seconds(end)) for action, start, end in self._marks
+                TraceEvent(
+                    action,
+                    seconds(start),
+                    seconds(end),
+                    waited,
+                    None if cpu_seconds is None else cpu_seconds(end) - cpu_seconds(start),
+                )
+                for action, start, end, waited in self._marks
             ]
         return self._trace
 
@@ -130,6 +145,7 @@ class Executor:
         self.clock.start()
         for position, action in enumerate(program):
             self.current_action = action
+            self._waited = 0.0
             start = mark()
             try:
                 handlers[action.kind](action)
@@ -142,7 +158,7 @@ class Executor:
                         f"(position {position} of {len(program)})"
                     )
                 raise
-            marks.append((action, start, mark()))
+            marks.append((action, start, mark(), self._waited))
         self.current_action = None
         if p2p is not None:
             p2p.finish()
@@ -231,7 +247,9 @@ class Executor:
                 )
             return handed
         action = Action(stage, Kind.RECV_F, microbatch)
+        waiting = time.perf_counter()
         received = self._require_p2p(action).wait_recv(action)
+        self._waited += time.perf_counter() - waiting
         if not self._forward_only and received.is_floating_point():
             received.requires_grad_()
         return received
@@ -250,7 +268,9 @@ class Executor:
             return handed
         action = Action(stage, Kind.RECV_B, microbatch)
         p2p = self._require_p2p(action)
+        waiting = time.perf_counter()
         output_grad = p2p.wait_recv(action)
+        self._waited += time.perf_counter() - waiting
         # the gradient came back, so our activation has arrived: its send can be completed now
         p2p.complete_send(Action(stage, Kind.SEND_F, microbatch))
         return output_grad
@@ -292,7 +312,8 @@ class Executor:
 
     def _reset(self, forward_only: bool) -> None:
         self._forward_only = forward_only
-        self._marks: list[tuple[Action, Any, Any]] = []
+        self._marks: list[tuple[Action, Any, Any, float]] = []
+        self._waited = 0.0
         self._trace: list[TraceEvent] | None = None
         self.peak_live_activations = 0
         self._stash: dict[tuple[int, int], _Stashed] = {}

@@ -1,0 +1,337 @@
+"""Costs fitted to measured steps, the simulator's prediction from them, and where a step went.
+
+``read_profile(path)`` loads a trainer's ``--profile-step`` file. ``fit(profiles)`` turns one or
+more of them (several schedules, several runs) into ``MeasuredCosts``:
+
+* per kind (F, B, I, W): milliseconds per transformer layer and per action (the fixed work of
+  any chunk), plus the embedding's extra on a first stage and the output head and loss's extra
+  on a last stage: a least-squares fit over the chunk shapes seen (median per shape first; a
+  term no two shapes tell apart is held at 0), each action's cost being its span less the time
+  it waited for a message (``basis="wall"``) or its thread CPU time (``basis="cpu"``, right at
+  any number of ranks per core);
+* ``action_overhead_ms``: the executor's time per compute action outside the actions' compute
+  (between actions, posting sends and receives, launching syncs);
+* messages: latency and bandwidth fitted to the calibration (one-way time against bytes);
+* the gradient all-reduce's time per MB from its calibration (the simulator then places each
+  replica sync after its stage's last backward); the optimizer step per parameter;
+  ``step_other_ms``, the rest of an iteration (zeroing, the loss all-reduce).
+
+``predict_step_ms(costs, schedule, ...)`` simulates a schedule with them and adds the optimizer
+and the rest. ``breakdown(profile)`` splits one measured step per rank into compute, waiting,
+p2p, overhead, gradient-sync wait, optimizer and other. ``save``/``load`` write and read
+``costs.json``. Pure except ``read_profile``, ``save`` and ``load``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from megatron_bitpipe.schedules import registry
+from megatron_bitpipe.schedules.ir import Action, Schedule
+from megatron_bitpipe.schedules.simulate import Costs, simulate
+
+COMPUTE = ("F", "B", "I", "W")
+BASES = ("wall", "cpu")
+
+
+@dataclass(frozen=True)
+class KindCost:
+    """Milliseconds of one action kind: per layer, per action (whatever the layer count: the
+    model's and the callbacks' fixed work), plus extras on first and last stages."""
+
+    per_layer_ms: float
+    embedding_ms: float
+    head_ms: float
+    per_action_ms: float = 0.0
+
+    def chunk_ms(self, layers: float, embedding: bool, head: bool) -> float:
+        return (layers * self.per_layer_ms + self.per_action_ms + embedding * self.embedding_ms
+                + head * self.head_ms)
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """What ``fit`` found; ``costs.json`` holds exactly these fields."""
+
+    basis: str
+    kinds: dict[str, KindCost]
+    action_overhead_ms: float
+    message_latency_ms: float
+    message_ms_per_mb: float
+    activation_bytes: int
+    sync_ms_per_mb: float
+    optimizer_ms_per_mparam: float
+    step_other_ms: float
+    num_layers: int
+    parameters_per_layer: int
+    sources: tuple[str, ...] = field(default=())
+
+    def kind(self, name: str) -> KindCost:
+        """A kind's cost; a missing I or W is half of B (no split schedule was measured)."""
+        if name in self.kinds:
+            return self.kinds[name]
+        backward = self.kinds["B"]
+        return KindCost(backward.per_layer_ms / 2, 0.0, backward.head_ms if name == "I" else 0.0,
+                        backward.per_action_ms / 2)
+
+
+def read_profile(path: str | Path) -> dict[str, Any]:
+    """A ``--profile-step`` file."""
+    return json.loads(Path(path).read_text())
+
+
+def _compute_ms(action: list[Any], basis: str) -> float:
+    _, start, end, waited, cpu = action
+    if basis == "cpu" and cpu is not None:
+        return cpu * 1e3
+    return (end - start - waited) * 1e3
+
+
+def _chunk_shapes(record: dict[str, Any]) -> dict[int, tuple[int, bool, bool]]:
+    return {chunk["stage"]: (chunk["layers"], chunk["embedding"], chunk["head"]) for chunk in record["chunks"]}
+
+
+def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCosts:
+    """``MeasuredCosts`` from ``profiles`` (at least one, of registry schedules)."""
+    if basis not in BASES:
+        raise ValueError(f"basis {basis!r}: one of {', '.join(BASES)}")
+    if not profiles:
+        raise ValueError("fit needs at least one --profile-step file")
+    samples: dict[str, dict[tuple[int, bool, bool], list[float]]] = {kind: {} for kind in COMPUTE}
+    overheads, latencies, per_mb, syncs, optimizer, other = [], [], [], [], [], []
+    for profile in profiles:
+        for record in profile["ranks"]:
+            shapes = _chunk_shapes(record)
+            compute_actions, outside = 0, 0.0
+            actions = record["actions"]
+            for action in actions:
+                parsed = Action.parse(action[0])
+                if parsed.kind.value in COMPUTE:
+                    ms = _compute_ms(action, basis)
+                    samples[parsed.kind.value].setdefault(shapes[parsed.stage], []).append(ms)
+                    compute_actions += 1
+                else:
+                    outside += (action[2] - action[1] - action[3]) * 1e3
+            if actions and compute_actions:
+                spans = sum(action[2] - action[1] for action in actions)
+                gaps = (actions[-1][2] - actions[0][1] - spans) * 1e3
+                overheads.append((outside + max(gaps, 0.0)) / compute_actions)
+            latency, slope = _line([(size / 2**20, seconds * 1e3) for size, seconds in record.get("message", [])])
+            if latency is not None:
+                latencies.append(latency)
+                per_mb.append(slope)
+            if record.get("sync"):
+                size, seconds = record["sync"]
+                syncs.append(seconds * 1e3 / (size / 2**20))
+            parameters = sum(chunk["parameters"] for chunk in record["chunks"])
+            optimizer.append(record["optimizer_s"] * 1e3 / (parameters / 1e6))
+            run_span = (actions[-1][2] - actions[0][1]) if actions else 0.0
+            other.append(max(0.0, (record["step_s"] - run_span - record["finalize_s"] - record["optimizer_s"]) * 1e3))
+    kinds = {kind: _fit_kind(by_shape) for kind, by_shape in samples.items() if by_shape}
+    if "F" not in kinds or "B" not in kinds and "I" not in kinds:
+        raise ValueError("the profiles hold no forward or no backward actions")
+    if "B" not in kinds:
+        kinds["B"] = KindCost(
+            kinds["I"].per_layer_ms + kinds["W"].per_layer_ms,
+            kinds["I"].embedding_ms + kinds["W"].embedding_ms,
+            kinds["I"].head_ms + kinds["W"].head_ms,
+            kinds["I"].per_action_ms + kinds["W"].per_action_ms,
+        )
+    return MeasuredCosts(
+        basis=basis,
+        kinds=kinds,
+        action_overhead_ms=_median(overheads),
+        message_latency_ms=_median(latencies),
+        message_ms_per_mb=_median(per_mb),
+        activation_bytes=int(profiles[0]["activation_bytes"]),
+        sync_ms_per_mb=_median(syncs),
+        optimizer_ms_per_mparam=_median(optimizer),
+        step_other_ms=_median(other),
+        num_layers=int(profiles[0]["num_layers"]),
+        parameters_per_layer=_parameters_per_layer(profiles),
+        sources=tuple(sorted({profile["schedule"] for profile in profiles})),
+    )
+
+
+def _parameters_per_layer(profiles: Sequence[dict[str, Any]]) -> int:
+    """Parameters of one transformer layer: from a chunk with neither embedding nor head, else
+    the difference between two chunks of different layer counts holding the same extras."""
+    by_shape: dict[tuple[bool, bool], dict[int, int]] = {}
+    for profile in profiles:
+        for record in profile["ranks"]:
+            for chunk in record["chunks"]:
+                if chunk["layers"]:
+                    extras = (chunk["embedding"], chunk["head"])
+                    by_shape.setdefault(extras, {})[chunk["layers"]] = chunk["parameters"]
+    plain = by_shape.get((False, False))
+    if plain:
+        layers, parameters = min(plain.items())
+        return parameters // layers
+    for counts in by_shape.values():
+        if len(counts) > 1:
+            (few, small), (many, large) = sorted(counts.items())[:2]
+            return (large - small) // (many - few)
+    return 0
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float | None, float]:
+    """Least-squares intercept and slope (intercept None without two distinct x)."""
+    if len({x for x, _ in points}) < 2:
+        return None, 0.0
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return max(0.0, mean_y - slope * mean_x), max(0.0, slope)
+
+
+def _fit_kind(by_shape: dict[tuple[int, bool, bool], list[float]]) -> KindCost:
+    """Least squares of ms = layers * a + embedding * e + head * h + c over the shapes' medians;
+    a small ridge holds at 0 any of e, h and c that the measured shapes cannot tell apart."""
+    rows = [((float(layers), float(embedding), float(head), 1.0), statistics.median(values))
+            for (layers, embedding, head), values in by_shape.items()]
+    size = 4
+    normal = [[sum(row[i] * row[j] for row, _ in rows) for j in range(size)] for i in range(size)]
+    target = [sum(row[i] * value for row, value in rows) for i in range(size)]
+    ridge = 1e-6 * max(normal[0][0], 1.0)
+    for index in (1, 2, 3):
+        normal[index][index] += ridge
+    per_layer, embedding, head, per_action = _solve(normal, target)
+    return KindCost(per_layer, embedding, head, per_action)
+
+
+def _solve(matrix: list[list[float]], target: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting."""
+    size = len(target)
+    augmented = [row[:] + [value] for row, value in zip(matrix, target, strict=True)]
+    for column in range(size):
+        pivot = max(range(column, size), key=lambda row: abs(augmented[row][column]))
+        augmented[column], augmented[pivot] = augmented[pivot], augmented[column]
+        if abs(augmented[column][column]) < 1e-12:
+            continue
+        for row in range(size):
+            if row != column:
+                factor = augmented[row][column] / augmented[column][column]
+                augmented[row] = [a - factor * b for a, b in zip(augmented[row], augmented[column], strict=True)]
+    return [augmented[i][size] / augmented[i][i] if abs(augmented[i][i]) > 1e-12 else 0.0 for i in range(size)]
+
+
+def simulator_costs(costs: MeasuredCosts, schedule: Schedule) -> Costs:
+    """The simulator's per-stage costs for ``schedule`` (every action pays the overhead)."""
+    stages = schedule.placement.stages_per_pipeline
+    layers = costs.num_layers / stages
+    overhead = costs.action_overhead_ms
+    forward, backward = costs.kind("F"), costs.kind("B")
+    input_grad, weight_grad = costs.kind("I"), costs.kind("W")
+    stage_bytes = int(layers * costs.parameters_per_layer * 4)
+    return Costs(
+        forward=forward.chunk_ms(layers, False, False) + overhead,
+        backward=backward.chunk_ms(layers, False, False) + overhead,
+        input_grad=input_grad.chunk_ms(layers, False, False) + overhead,
+        weight_grad=weight_grad.chunk_ms(layers, False, False) + overhead,
+        stage_extra={0: (forward.embedding_ms, backward.embedding_ms), -1: (forward.head_ms, backward.head_ms)},
+        latency=costs.message_latency_ms,
+        bandwidth=(2**20 / costs.message_ms_per_mb) if costs.message_ms_per_mb > 0 else float("inf"),
+        message_bytes=costs.activation_bytes,
+        # a sync of one stage costs 2 * stage_grad_bytes / sync_bandwidth: the calibrated ms per MB
+        sync_bandwidth=(2 * 2**20 / costs.sync_ms_per_mb) if costs.sync_ms_per_mb > 0 else float("inf"),
+        stage_grad_bytes=stage_bytes,
+    )
+
+
+def predict_step_ms(
+    costs: MeasuredCosts,
+    name: str,
+    num_ranks: int,
+    num_microbatches: int,
+    parameters_per_rank: float,
+    options: dict[str, Any] | None = None,
+) -> float:
+    """Simulated step of registry schedule ``name``: its makespan with ``costs`` (replica syncs
+    included), plus the optimizer step for ``parameters_per_rank`` and the step's other work."""
+    schedule = registry.build(name, num_ranks, num_microbatches, **(options or {}))
+    makespan = simulate(schedule, simulator_costs(costs, schedule)).makespan
+    optimizer = costs.optimizer_ms_per_mparam * parameters_per_rank / 1e6
+    return makespan + optimizer + costs.step_other_ms
+
+
+def parameters_per_rank(profile: dict[str, Any]) -> float:
+    """The most parameters any rank of the profiled run held."""
+    return max(sum(chunk["parameters"] for chunk in record["chunks"]) for record in profile["ranks"])
+
+
+PARTS = ("compute", "waiting", "p2p", "overhead", "sync wait", "optimizer", "other")
+
+
+def breakdown(profile: dict[str, Any], basis: str = "wall") -> list[dict[str, float]]:
+    """Per rank, the measured step in milliseconds by ``PARTS`` (they add up to the step)."""
+    rows = []
+    for record in profile["ranks"]:
+        actions = record["actions"]
+        compute = waiting = p2p = 0.0
+        for action in actions:
+            kind = Action.parse(action[0]).kind
+            span, waited = (action[2] - action[1]) * 1e3, action[3] * 1e3
+            if kind.value in COMPUTE:
+                cost = _compute_ms(action, basis) if basis == "wall" else min(_compute_ms(action, basis), span)
+                compute += cost
+                waiting += waited
+            else:
+                p2p += span
+        run_span = (actions[-1][2] - actions[0][1]) * 1e3 if actions else 0.0
+        step = record["step_s"] * 1e3
+        overhead = run_span - compute - waiting - p2p
+        finalize, optimizer = record["finalize_s"] * 1e3, record["optimizer_s"] * 1e3
+        rows.append({
+            "rank": record["rank"],
+            "step": step,
+            "compute": compute,
+            "waiting": waiting,
+            "p2p": p2p,
+            "overhead": overhead,
+            "sync wait": finalize,
+            "optimizer": optimizer,
+            "other": step - run_span - finalize - optimizer,
+        })
+    return rows
+
+
+def save(costs: MeasuredCosts, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(asdict(costs), indent=2) + "\n")
+
+
+def load(path: str | Path) -> MeasuredCosts:
+    """A ``costs.json`` written by ``save`` (``megatron-bitpipe bench``)."""
+    data = json.loads(Path(path).read_text())
+    kinds = {name: KindCost(**value) for name, value in data.pop("kinds").items()}
+    data["sources"] = tuple(data.get("sources", ()))
+    return MeasuredCosts(kinds=kinds, **data)
+
+
+def merged(values: Iterable[MeasuredCosts]) -> MeasuredCosts:
+    """Field-wise median of several fits (one per repeated run)."""
+    fits = list(values)
+    first = fits[0]
+    kinds = {
+        name: KindCost(*(statistics.median(getattr(fit.kind(name), part) for fit in fits)
+                         for part in ("per_layer_ms", "embedding_ms", "head_ms", "per_action_ms")))
+        for name in first.kinds
+    }
+    numbers = {
+        name: statistics.median(getattr(fit, name) for fit in fits)
+        for name in ("action_overhead_ms", "message_latency_ms", "message_ms_per_mb", "sync_ms_per_mb",
+                     "optimizer_ms_per_mparam", "step_other_ms")
+    }
+    sources = tuple(sorted({source for fit in fits for source in fit.sources}))
+    return MeasuredCosts(basis=first.basis, kinds=kinds, activation_bytes=first.activation_bytes,
+                         num_layers=first.num_layers, parameters_per_layer=first.parameters_per_layer,
+                         sources=sources, **numbers)
+
+
