@@ -188,7 +188,7 @@ def prepare_outputs(args: argparse.Namespace, plans: Sequence[RunPlan]) -> None:
     for plan in plans:
         if args.trace and plan.uses_registry:
             prepare_output(plan.output_path(args.trace), "--trace", suffixes=(".json",))
-        if args.profile_step and plan.uses_registry:
+        if args.profile_step:
             prepare_output(plan.output_path(args.profile_step), "--profile-step", suffixes=(".json",))
         if args.save_params:
             prepare_output(plan.output_path(args.save_params), "--save-params")

@@ -3,7 +3,8 @@
 Per rank, from the last iteration (run with each action's wall, wait and thread CPU time):
 
 * ``actions``: ``[action, start s, end s, waited s, cpu s]`` from the step's start (all ranks
-  share the origin of a barrier), every action of the lowered program;
+  share the origin of a barrier), every action of the lowered program (none for megatron-core's
+  own schedules, whose actions we do not see);
 * ``finalize_s`` (gradient syncs left after the program), ``optimizer_s``, ``step_s``;
 * ``chunks``: per local chunk its stage, transformer layers, parameters and whether it holds the
   embedding or the output head;
@@ -37,10 +38,18 @@ CALIBRATION_REPEATS = 5
 
 
 def rank_record(
-    chunks: list[Any], stages: tuple[int, ...], origin: float, finalize_s: float, optimizer_s: float, step_s: float
+    chunks: list[Any],
+    stages: tuple[int, ...],
+    origin: float,
+    finalize_s: float,
+    optimizer_s: float,
+    step_s: float,
+    *,
+    traced: bool = True,
 ) -> dict[str, Any]:
-    """This rank's measured step: its actions (relative to ``origin``) and its phases."""
-    executor = forward_backward.last_executor()
+    """This rank's measured step: its actions (relative to ``origin``; none unless ``traced``,
+    i.e. for megatron-core's own schedules) and its phases."""
+    executor = forward_backward.last_executor() if traced else None
     trace = executor.trace if executor is not None else []
     return {
         "rank": dist.get_rank(),

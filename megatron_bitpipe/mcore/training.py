@@ -261,7 +261,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
     first_gradients: dict[str, torch.Tensor] = {}
     for iteration in range(start + 1, args.train_iters + 1):
         traced = args.trace and plan.uses_registry and iteration == args.train_iters
-        profiled = args.profile_step and plan.uses_registry and iteration == _profiled_iteration(args)
+        profiled = args.profile_step and iteration == _profiled_iteration(args)
         trace_origin = _trace_origin() if traced or profiled else None
         started = time.perf_counter()
         for chunk in session.model:
@@ -470,9 +470,10 @@ def _write_step_profile(session: _Session, origin: float, optimizer_s: float, st
         session.model,
         plan.placement.rank_stages[pp_rank],
         origin,
-        forward_backward.last_finalize_seconds(),
+        forward_backward.last_finalize_seconds() if plan.uses_registry else 0.0,
         optimizer_s,
         step_s,
+        traced=plan.uses_registry,
     )
     config = session.model[0].config
     activation_numel = args.seq_length * args.micro_batch_size * args.hidden_size
@@ -488,8 +489,10 @@ def _write_step_profile(session: _Session, origin: float, optimizer_s: float, st
         "schedule": plan.schedule,
         "options": dict(plan.schedule_options),
         "num_ranks": plan.placement.num_ranks,
+        "num_pipelines": plan.placement.num_pipelines,
         "num_microbatches": plan.num_microbatches,
         "num_layers": args.num_layers,
+        "virtual_size": plan.virtual_size,
         "activation_bytes": activation_numel * torch.tensor([], dtype=dtype).element_size(),
         "cpu_time": not torch.cuda.is_available(),
         "iteration": _profiled_iteration(args),

@@ -54,6 +54,31 @@ class BenchError(RuntimeError):
     """A run that failed: its exit status and the end of its output."""
 
 
+def run_order(schedules: Sequence[str], run: int) -> list[str]:
+    """The schedules in the order run ``run`` (from 0) trains them: as given, then reversed, and
+    so on, so that drift within a process (later schedules ran faster) hits them all alike."""
+    return list(schedules) if run % 2 == 0 else list(reversed(schedules))
+
+
+def run_repeated(processes: int, schedules: Sequence[str], arguments: Sequence[str], tokens_per_step: int,
+                 repeat: int, profile_folder: str | None = None, *,
+                 progress: bool = True) -> list[dict[str, Measured]]:
+    """``repeat`` trainer runs of ``schedules`` in alternating order; with ``profile_folder`` each
+    run ``k`` also writes ``profile_folder/run{k}/{schedule}.json`` (``--profile-step``)."""
+    runs = []
+    for run in range(repeat):
+        extra: list[str] = []
+        if profile_folder is not None:
+            folder = os.path.join(profile_folder, f"run{run}")
+            os.makedirs(folder, exist_ok=True)
+            extra = ["--profile-step", os.path.join(folder, "{schedule}.json")]
+        order = run_order(schedules, run)
+        if progress:
+            print(f"bench: run {run + 1}/{repeat}: {', '.join(order)}", flush=True)
+        runs.append(run_schedules(processes, order, [*arguments, *extra], tokens_per_step))
+    return runs
+
+
 def trainer_command(processes: int, schedules: Sequence[str], arguments: Sequence[str]) -> list[str]:
     """torchrun (or one process) running the trainer on ``schedules`` with ``arguments``."""
     launcher = [sys.executable]
@@ -72,8 +97,15 @@ def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     log = result.stdout + result.stderr
     if result.returncode != 0:
-        raise BenchError(f"{' '.join(command)} exited {result.returncode}: {log[-2000:]}")
+        raise BenchError(f"{' '.join(command)} exited {result.returncode}: {_failure_lines(log)}")
     return parse(log, schedules, tokens_per_step)
+
+
+def _failure_lines(log: str, tail: int = 2000) -> str:
+    """The log's error lines (every rank's, wherever they are) and its last ``tail`` characters."""
+    errors = [line for line in log.splitlines() if "Error" in line or "error:" in line or "FAILED" in line]
+    head = "\n".join(dict.fromkeys(errors))[-4000:]
+    return f"{head}\n...\n{log[-tail:]}" if head else log[-tail:]
 
 
 def sections(log: str) -> dict[str, str]:

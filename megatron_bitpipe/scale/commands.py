@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-from megatron_bitpipe.scale import bench, config, recommend, slurm, sweep
+from megatron_bitpipe.scale import bench, bench_report, config, measured_costs, recommend, slurm, sweep
 from megatron_bitpipe.scale.cost_model import GIB, Prediction, predict
 from megatron_bitpipe.schedules import registry
 
@@ -226,43 +226,65 @@ def _launch_yaml(model_path: str, cluster_path: str, launch: config.LaunchConfig
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, required=True, help="processes (CPU ranks or GPUs)")
     parser.add_argument("--pipeline-schedule", required=True, help="schedules to run, comma separated")
-    parser.add_argument("--out", required=True, help="folder for bench.csv and bench.md")
-    parser.add_argument("--cluster", help="a cluster config: adds the simulated step and its error")
+    parser.add_argument("--out", required=True, help="folder for bench.csv, bench.md, costs.json, timelines")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="trainer runs, the schedule order reversed every other run; figures are "
+                        "medians over runs (default 1)")
+    parser.add_argument("--cost-basis", choices=measured_costs.BASES, default="wall",
+                        help="what an action costs for the fitted simulator: its span less its wait for "
+                        "messages (wall), or its thread CPU time (cpu: right with more ranks than cores, "
+                        "where the simulated step is the figure to read)")
+    parser.add_argument("--cluster", help="also the cluster config's prediction (simulated_cluster_ms)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from megatron_bitpipe.train import build_parser as trainer_parser
 
+    if args.repeat < 1:
+        raise ValueError(f"--repeat {args.repeat} must be >= 1")
     trainer_args = list(args.passthrough)
     known, _ = trainer_parser().parse_known_args(trainer_args)
     schedules = [name.strip() for name in args.pipeline_schedule.split(",") if name.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokens = known.global_batch_size * known.seq_length
-    print(f"bench: {', '.join(schedules)} on {args.nproc_per_node} processes, {known.train_iters} "
-          f"iterations each (timed: all but the warm-up and the memory-measured last)", flush=True)
-    measured = bench.run_schedules(args.nproc_per_node, schedules, trainer_args, tokens)
-    simulated = _simulated(args, known, schedules) if args.cluster else {}
-    reference = {name: measured[name].median_ms for name in ("megatron-interleaved", "megatron-1f1b") if name in measured}
-    header = ["schedule", "step_ms_median", "step_ms_min", "step_ms_max", "tokens_per_s", "simulated_ms",
-              "error_pct", "peak_activation_bytes", *(f"vs_{name}" for name in reference)]
-    table = []
-    for name in schedules:
-        figures = measured[name].figures()
-        predicted = simulated.get(name)
-        figures["simulated_ms"] = f"{predicted:.1f}" if predicted else ""
-        error = 100 * (predicted - measured[name].median_ms) / measured[name].median_ms if predicted else None
-        figures["error_pct"] = f"{error:+.1f}" if error is not None else ""
-        for other, median in reference.items():
-            figures[f"vs_{other}"] = f"{median / measured[name].median_ms:.3f}"
-        table.append({"schedule": name, **figures})
-    sweep.write_csv(out / "bench.csv", table, header)
-    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join(str(row.get(column, "")) for column in header) + " |" for row in table]
-    (out / "bench.md").write_text("\n".join(markdown) + "\n")
-    print("\n".join(markdown))
-    print(f"bench: wrote {out / 'bench.csv'} and {out / 'bench.md'}")
+    cores = os.cpu_count() or 1
+    print(f"bench: {', '.join(schedules)} on {args.nproc_per_node} processes ({cores} cores), "
+          f"{args.repeat} run(s) of {known.train_iters} iterations each (timed: all but the warm-up "
+          f"and the memory-measured last)", flush=True)
+    profiles = out / "profiles"
+    runs = bench.run_repeated(args.nproc_per_node, schedules, trainer_args, tokens, args.repeat, str(profiles))
+    report = bench_report.build(schedules, runs, profiles, args.cost_basis)
+    header, rows = list(report.header), report.rows
+    if args.cluster:
+        simulated = _simulated(args, known, schedules)
+        header.insert(header.index("error_pct") + 1, "simulated_cluster_ms")
+        for row in rows:
+            predicted = simulated.get(row["schedule"])
+            row["simulated_cluster_ms"] = f"{predicted:.1f}" if predicted else ""
+    report = bench_report.Report(header, rows, report.costs, report.breakdown, report.overhead)
+    note = _bench_note(args, cores)
+    sweep.write_csv(out / "bench.csv", rows, header)
+    text = bench_report.markdown(report, note)
+    (out / "bench.md").write_text(text)
+    if report.costs is not None:
+        measured_costs.save(report.costs, out / "costs.json")
+    timelines = bench_report.write_timelines(profiles, args.repeat, schedules, out)
+    print(text, end="")
+    written = ", ".join(str(path) for path in [out / "bench.csv", out / "bench.md", out / "costs.json", *timelines])
+    print(f"bench: wrote {written}")
     return 0
+
+
+def _bench_note(args: argparse.Namespace, cores: int) -> str:
+    basis = "thread CPU time" if args.cost_basis == "cpu" else "span less message waits"
+    note = (f"simulated_ms: the simulator fed with the costs measured in these runs ({basis}; "
+            f"costs.json), plus the measured optimizer step and the rest of an iteration; "
+            f"error_pct against the measured median.")
+    if args.nproc_per_node > cores:
+        note += (f" {args.nproc_per_node} ranks share {cores} cores: the measured steps time the OS "
+                 f"scheduler, so read simulated_ms (costs measured, step simulated), not the step.")
+    return note
 
 
 def _simulated(args: argparse.Namespace, known: argparse.Namespace, schedules: list[str]) -> dict[str, float]:

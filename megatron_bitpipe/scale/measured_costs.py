@@ -14,6 +14,8 @@ more of them (several schedules, several runs) into ``MeasuredCosts``:
 * messages: latency and bandwidth fitted to the calibration (one-way time against bytes);
 * the gradient all-reduce's time per MB from its calibration (the simulator then places each
   replica sync after its stage's last backward); the optimizer step per parameter;
+  ``finalize_ms``, the gradient finalization after the program of schedules without replicas
+  (the tied embedding's all-reduce between first and last stage, data parallel);
   ``step_other_ms``, the rest of an iteration (zeroing, the loss all-reduce).
 
 ``predict_step_ms(costs, schedule, ...)`` simulates a schedule with them and adds the optimizer
@@ -66,9 +68,16 @@ class MeasuredCosts:
     sync_ms_per_mb: float
     optimizer_ms_per_mparam: float
     step_other_ms: float
+    finalize_ms: float
     num_layers: int
     parameters_per_layer: int
     sources: tuple[str, ...] = field(default=())
+    hidden_size: int | None = None
+    """The measured model's sizes (None: not recorded); a cluster config's ``measured_costs``
+    applies only to a model with the same four (``scale/cost_model.py``)."""
+    seq_length: int | None = None
+    micro_batch_size: int | None = None
+    num_attention_heads: int | None = None
 
     def kind(self, name: str) -> KindCost:
         """A kind's cost; a missing I or W is half of B (no split schedule was measured)."""
@@ -102,7 +111,7 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
     if not profiles:
         raise ValueError("fit needs at least one --profile-step file")
     samples: dict[str, dict[tuple[int, bool, bool], list[float]]] = {kind: {} for kind in COMPUTE}
-    overheads, latencies, per_mb, syncs, optimizer, other = [], [], [], [], [], []
+    overheads, latencies, per_mb, syncs, optimizer, other, finalize = [], [], [], [], [], [], []
     for profile in profiles:
         for record in profile["ranks"]:
             shapes = _chunk_shapes(record)
@@ -127,11 +136,16 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
             if record.get("sync"):
                 size, seconds = record["sync"]
                 syncs.append(seconds * 1e3 / (size / 2**20))
+            if profile.get("num_pipelines", 1) == 1:
+                finalize.append(record["finalize_s"] * 1e3)
             parameters = sum(chunk["parameters"] for chunk in record["chunks"])
             optimizer.append(record["optimizer_s"] * 1e3 / (parameters / 1e6))
             run_span = (actions[-1][2] - actions[0][1]) if actions else 0.0
             other.append(max(0.0, (record["step_s"] - run_span - record["finalize_s"] - record["optimizer_s"]) * 1e3))
     kinds = {kind: _fit_kind(by_shape) for kind, by_shape in samples.items() if by_shape}
+    for split in ("I", "W"):
+        if split in kinds and "B" in kinds and len({layers for layers, _, _ in samples[split]}) < 2:
+            kinds[split] = _as_share_of_backward(kinds["B"], samples, split)
     if "F" not in kinds or "B" not in kinds and "I" not in kinds:
         raise ValueError("the profiles hold no forward or no backward actions")
     if "B" not in kinds:
@@ -151,10 +165,33 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         sync_ms_per_mb=_median(syncs),
         optimizer_ms_per_mparam=_median(optimizer),
         step_other_ms=_median(other),
+        finalize_ms=_median(finalize),
         num_layers=int(profiles[0]["num_layers"]),
         parameters_per_layer=_parameters_per_layer(profiles),
         sources=tuple(sorted({profile["schedule"] for profile in profiles})),
     )
+
+
+def _as_share_of_backward(
+    backward: KindCost, samples: dict[str, dict[tuple[int, bool, bool], list[float]]], split: str
+) -> KindCost:
+    """``split`` (I or W) as its measured share of the backward, where its chunks have one layer
+    count (per-layer and per-action costs cannot be told apart on their own). As in the
+    simulator, the embedding's and head's backward extras go to I whole; the share is of the
+    rest."""
+    shares = []
+    for shape in samples[split]:
+        if shape in samples["I"] and shape in samples["W"]:
+            _, embedding, head = shape
+            extra = embedding * backward.embedding_ms + head * backward.head_ms
+            input_grad = statistics.median(samples["I"][shape]) - extra
+            weight_grad = statistics.median(samples["W"][shape])
+            shares.append(input_grad / (input_grad + weight_grad))
+    share = statistics.median(shares) if shares else 0.5
+    if split == "W":
+        return KindCost(backward.per_layer_ms * (1 - share), 0.0, 0.0, backward.per_action_ms * (1 - share))
+    return KindCost(backward.per_layer_ms * share, backward.embedding_ms, backward.head_ms,
+                    backward.per_action_ms * share)
 
 
 def _parameters_per_layer(profiles: Sequence[dict[str, Any]]) -> int:
@@ -255,11 +292,12 @@ def predict_step_ms(
     options: dict[str, Any] | None = None,
 ) -> float:
     """Simulated step of registry schedule ``name``: its makespan with ``costs`` (replica syncs
-    included), plus the optimizer step for ``parameters_per_rank`` and the step's other work."""
+    included), plus gradient finalization, the optimizer step for ``parameters_per_rank`` and
+    the step's other work."""
     schedule = registry.build(name, num_ranks, num_microbatches, **(options or {}))
     makespan = simulate(schedule, simulator_costs(costs, schedule)).makespan
     optimizer = costs.optimizer_ms_per_mparam * parameters_per_rank / 1e6
-    return makespan + optimizer + costs.step_other_ms
+    return makespan + costs.finalize_ms + optimizer + costs.step_other_ms
 
 
 def parameters_per_rank(profile: dict[str, Any]) -> float:
@@ -327,7 +365,7 @@ def merged(values: Iterable[MeasuredCosts]) -> MeasuredCosts:
     numbers = {
         name: statistics.median(getattr(fit, name) for fit in fits)
         for name in ("action_overhead_ms", "message_latency_ms", "message_ms_per_mb", "sync_ms_per_mb",
-                     "optimizer_ms_per_mparam", "step_other_ms")
+                     "optimizer_ms_per_mparam", "step_other_ms", "finalize_ms")
     }
     sources = tuple(sorted({source for fit in fits for source in fit.sources}))
     return MeasuredCosts(basis=first.basis, kinds=kinds, activation_bytes=first.activation_bytes,

@@ -1,0 +1,170 @@
+"""The fitted simulator: costs fitted to --profile-step files, its prediction, the step breakdown.
+
+Profiles here are made from the simulator's own timeline with known costs, the way the executor
+records a step (a wait for a message inside the action that needs it), so a correct fit gives
+those costs back and predicts that step exactly.
+"""
+
+import json
+
+import pytest
+
+from megatron_bitpipe.scale import bench_report, measured_costs
+from megatron_bitpipe.scale.bench import Measured, run_order
+from megatron_bitpipe.schedules import registry
+from megatron_bitpipe.schedules.simulate import Costs, timeline
+
+LAYERS = 8
+LAYER_PARAMETERS = 1000
+F_LAYER, F_ACTION, F_EMBEDDING, F_HEAD = 2.0, 1.0, 0.5, 1.5
+B_LAYER, B_ACTION, B_EMBEDDING, B_HEAD = 4.0, 1.5, 0.25, 0.75
+I_SHARE = 0.6
+LATENCY_MS, MS_PER_MB = 0.2, 0.5
+ACTIVATION_BYTES = 2**19
+OPTIMIZER_MS_PER_MPARAM, OTHER_MS, FINALIZE_MS = 100.0, 3.0, 2.0
+
+
+def _true_costs(schedule):
+    layers = LAYERS / schedule.placement.stages_per_pipeline
+    forward = layers * F_LAYER + F_ACTION
+    backward = layers * B_LAYER + B_ACTION
+    return Costs(
+        forward=forward,
+        backward=backward,
+        input_grad=backward * I_SHARE,
+        weight_grad=backward * (1 - I_SHARE),
+        stage_extra={0: (F_EMBEDDING, B_EMBEDDING), -1: (F_HEAD, B_HEAD)},
+        latency=LATENCY_MS,
+        bandwidth=2**20 / MS_PER_MB,
+        message_bytes=ACTIVATION_BYTES,
+    )
+
+
+def synthetic_profile(name, num_ranks=2, num_microbatches=4):
+    """A --profile-step file of ``name`` whose actions follow the simulator with the true costs."""
+    schedule = registry.build(name, num_ranks, num_microbatches)
+    placement = schedule.placement
+    layers = LAYERS // placement.stages_per_pipeline
+    events = timeline(schedule, _true_costs(schedule))
+    records = []
+    makespan = max(event.end for event in events)
+    for rank in range(num_ranks):
+        mine = sorted((event for event in events if event.rank == rank), key=lambda event: event.start)
+        actions, previous_end = [], 0.0
+        for event in mine:
+            waited = event.start - previous_end
+            actions.append([str(event.action), previous_end / 1e3, event.end / 1e3, waited / 1e3, None])
+            previous_end = event.end
+        chunks = [
+            {
+                "stage": stage,
+                "layers": layers,
+                "parameters": layers * LAYER_PARAMETERS,
+                "embedding": placement.is_first(stage),
+                "head": placement.is_last(stage),
+            }
+            for stage in placement.rank_stages[rank]
+        ]
+        parameters = sum(chunk["parameters"] for chunk in chunks)
+        optimizer_s = OPTIMIZER_MS_PER_MPARAM * parameters / 1e6 / 1e3
+        finalize_s = FINALIZE_MS / 1e3
+        records.append({
+            "rank": rank,
+            "actions": actions,
+            "finalize_s": finalize_s,
+            "optimizer_s": optimizer_s,
+            "step_s": makespan / 1e3 + finalize_s + optimizer_s + OTHER_MS / 1e3,
+            "chunks": chunks,
+            "message": [[size, (LATENCY_MS + size / 2**20 * MS_PER_MB) / 1e3] for size in (2**19, 2**20, 2**21)],
+            "sync": [],
+        })
+    return {
+        "schedule": name, "options": {}, "num_ranks": num_ranks, "num_pipelines": placement.num_pipelines,
+        "num_microbatches": num_microbatches, "num_layers": LAYERS, "activation_bytes": ACTIVATION_BYTES,
+        "ranks": records,
+    }
+
+
+def test_fit_recovers_per_layer_per_action_embedding_and_head_costs():
+    costs = measured_costs.fit([synthetic_profile("1f1b"), synthetic_profile("bitpipe")])
+    forward, backward = costs.kind("F"), costs.kind("B")
+    assert (forward.per_layer_ms, forward.per_action_ms, forward.embedding_ms, forward.head_ms) == pytest.approx(
+        (F_LAYER, F_ACTION, F_EMBEDDING, F_HEAD), abs=1e-3)
+    assert (backward.per_layer_ms, backward.per_action_ms, backward.embedding_ms, backward.head_ms) == pytest.approx(
+        (B_LAYER, B_ACTION, B_EMBEDDING, B_HEAD), abs=1e-3)
+
+
+def test_fit_recovers_messages_optimizer_and_the_rest_of_the_step():
+    costs = measured_costs.fit([synthetic_profile("1f1b"), synthetic_profile("bitpipe")])
+    assert costs.message_latency_ms == pytest.approx(LATENCY_MS)
+    assert costs.message_ms_per_mb == pytest.approx(MS_PER_MB)
+    assert costs.optimizer_ms_per_mparam == pytest.approx(OPTIMIZER_MS_PER_MPARAM)
+    assert costs.step_other_ms == pytest.approx(OTHER_MS, abs=1e-6)
+    assert costs.finalize_ms == pytest.approx(FINALIZE_MS)
+    assert costs.action_overhead_ms == pytest.approx(0.0, abs=1e-9)
+    assert costs.parameters_per_layer == LAYER_PARAMETERS
+
+
+def test_split_kinds_of_one_layer_count_take_their_share_of_the_backward():
+    costs = measured_costs.fit([synthetic_profile("1f1b"), synthetic_profile("bitpipe"), synthetic_profile("zb-h1")])
+    assert costs.kind("I").per_layer_ms == pytest.approx(B_LAYER * I_SHARE, rel=1e-3)
+    assert costs.kind("W").per_layer_ms == pytest.approx(B_LAYER * (1 - I_SHARE), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "bitpipe", "zb-h1"])
+def test_prediction_from_fitted_costs_equals_the_step_they_were_measured_in(name):
+    profiles = [synthetic_profile("1f1b"), synthetic_profile("bitpipe"), synthetic_profile("zb-h1")]
+    costs = measured_costs.fit(profiles)
+    profile = next(profile for profile in profiles if profile["schedule"] == name)
+    measured = max(record["step_s"] for record in profile["ranks"]) * 1e3
+    predicted = measured_costs.predict_step_ms(costs, name, 2, 4, measured_costs.parameters_per_rank(profile))
+    assert predicted == pytest.approx(measured, rel=1e-3)
+
+
+def test_breakdown_parts_add_up_to_the_step_and_waits_are_idle():
+    profile = synthetic_profile("1f1b")
+    for row in measured_costs.breakdown(profile):
+        assert sum(row[part] for part in measured_costs.PARTS) == pytest.approx(row["step"])
+        assert row["waiting"] > 0
+        assert row["optimizer"] == pytest.approx(OPTIMIZER_MS_PER_MPARAM * 4 * LAYER_PARAMETERS / 1e6)
+
+
+def test_costs_json_round_trips(tmp_path):
+    costs = measured_costs.fit([synthetic_profile("1f1b"), synthetic_profile("bitpipe")])
+    measured_costs.save(costs, tmp_path / "costs.json")
+    assert measured_costs.load(tmp_path / "costs.json") == costs
+    assert json.loads((tmp_path / "costs.json").read_text())["basis"] == "wall"
+
+
+def test_fit_refuses_an_unknown_basis():
+    with pytest.raises(ValueError, match="basis"):
+        measured_costs.fit([synthetic_profile("1f1b")], basis="gpu")
+
+
+def test_runs_alternate_the_schedule_order():
+    assert run_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert run_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert run_order(["a", "b", "c"], 2) == ["a", "b", "c"]
+
+
+def test_report_fills_simulated_step_error_and_ratios_from_profiles(tmp_path):
+    names = ["1f1b", "bitpipe"]
+    runs = []
+    for run in range(2):
+        folder = tmp_path / f"run{run}"
+        folder.mkdir()
+        figures = {}
+        for name in names:
+            profile = synthetic_profile(name)
+            (folder / f"{name}.json").write_text(json.dumps(profile))
+            step = max(record["step_s"] for record in profile["ranks"]) * 1e3
+            figures[name] = Measured(name, (step,), (1,), 1000)
+        runs.append(figures)
+    report = bench_report.build(names, runs, tmp_path)
+    by_name = {row["schedule"]: row for row in report.rows}
+    for name in names:
+        assert abs(float(by_name[name]["error_pct"])) < 0.1
+        assert by_name[name]["runs"] == "2"
+    assert set(report.breakdown) == set(names)
+    text = bench_report.markdown(report)
+    assert "fitted costs" in text and "| bitpipe |" in text
