@@ -81,6 +81,7 @@ def synthetic_profile(name, num_ranks=2, num_microbatches=4):
     return {
         "schedule": name, "options": {}, "num_ranks": num_ranks, "num_pipelines": placement.num_pipelines,
         "num_microbatches": num_microbatches, "num_layers": LAYERS, "activation_bytes": ACTIVATION_BYTES,
+        "hidden_size": 64, "seq_length": 32, "micro_batch_size": 2, "num_attention_heads": 4,
         "ranks": records,
     }
 
@@ -103,6 +104,7 @@ def test_fit_recovers_messages_optimizer_and_the_rest_of_the_step():
     assert costs.finalize_ms == pytest.approx(FINALIZE_MS)
     assert costs.action_overhead_ms == pytest.approx(0.0, abs=1e-9)
     assert costs.parameters_per_layer == LAYER_PARAMETERS
+    assert (costs.hidden_size, costs.seq_length, costs.micro_batch_size, costs.num_attention_heads) == (64, 32, 2, 4)
 
 
 def test_split_kinds_of_one_layer_count_take_their_share_of_the_backward():

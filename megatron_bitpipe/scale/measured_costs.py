@@ -37,6 +37,8 @@ from megatron_bitpipe.schedules.ir import Action, Schedule
 from megatron_bitpipe.schedules.simulate import Costs, simulate
 
 COMPUTE = ("F", "B", "I", "W")
+MODEL_SIZES = ("hidden_size", "seq_length", "micro_batch_size", "num_attention_heads")
+"""The model sizes a profile records and a fit keeps (costs hold only for these)."""
 BASES = ("wall", "cpu")
 
 
@@ -169,6 +171,7 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         num_layers=int(profiles[0]["num_layers"]),
         parameters_per_layer=_parameters_per_layer(profiles),
         sources=tuple(sorted({profile["schedule"] for profile in profiles})),
+        **{size: profiles[0].get(size) for size in MODEL_SIZES},
     )
 
 
@@ -370,6 +373,6 @@ def merged(values: Iterable[MeasuredCosts]) -> MeasuredCosts:
     sources = tuple(sorted({source for fit in fits for source in fit.sources}))
     return MeasuredCosts(basis=first.basis, kinds=kinds, activation_bytes=first.activation_bytes,
                          num_layers=first.num_layers, parameters_per_layer=first.parameters_per_layer,
-                         sources=sources, **numbers)
+                         sources=sources, **numbers, **{size: getattr(first, size) for size in MODEL_SIZES})
 
 
