@@ -114,6 +114,14 @@ class ClusterConfig:
     gpu: str | None = None
     """A GPU kind (h100, h200, a100, cpu) whose costs apply when layer_costs and achieved_tflops
     are both left out: the measured file of h100 and h200, a sustained rate for the others."""
+    measured_costs: str | None = None
+    """Costs fitted to a real run (the costs.json ``megatron-bitpipe bench`` writes), relative to
+    this file. When set, they replace the FLOP/layer_costs model and the overheads: compute per
+    layer and per action with the embedding and head extras, action overhead, message latency
+    and bandwidth, replica and data-parallel sync per MB, optimizer step per parameter and the
+    step's other work. Only for a model of the measured hidden_size, num_attention_heads,
+    seq_length, micro_batch_size, precision and default ffn_hidden_size (num_layers may differ),
+    at tensor_parallel 1; other models are refused. Cross-node links stay the ones above."""
     action_overhead_ms: float = 0.0
     """Host time added to every F, B, I and W action (framework, p2p bookkeeping): negligible for
     large layers, most of the step for tiny CPU models."""
@@ -132,8 +140,9 @@ class ClusterConfig:
     def rules(self) -> list[tuple[str, str]]:
         broken = _positive(self, "gpus_per_node", "gpu_memory_gib", "intra_node_gbps", "inter_node_gbps")
         broken += _non_negative(self, "intra_node_latency_us", "inter_node_latency_us")
-        if self.layer_costs is None and self.achieved_tflops is None and self.gpu is None:
-            broken.append(("layer_costs", "give layer_costs (a measured file), achieved_tflops or gpu"))
+        sources = (self.layer_costs, self.achieved_tflops, self.gpu, self.measured_costs)
+        if all(source is None for source in sources):
+            broken.append(("layer_costs", "give layer_costs (a measured file), achieved_tflops, gpu or measured_costs"))
         if self.gpu is not None and self.gpu not in GPU_KINDS:
             broken.append(("gpu", f"{self.gpu!r} must be one of {', '.join(GPU_KINDS)}"))
         broken += _non_negative(self, "action_overhead_ms", "layer_overhead_ms")
@@ -376,15 +385,35 @@ def load(path: str | Path, kind: type[Config]) -> Config:
         line = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(f"{path}: not valid YAML{line}: {getattr(error, 'problem', error)}") from None
     config = from_mapping(data, kind, path)
-    if isinstance(config, ClusterConfig) and config.layer_costs is None and config.achieved_tflops is None:
-        measured, rate = GPU_KINDS[config.gpu or ""]
-        config = replace(config, layer_costs=str(CONFIGS / measured) if measured else None, achieved_tflops=rate)
-    elif isinstance(config, ClusterConfig) and config.layer_costs is not None:
-        costs = path.parent / config.layer_costs
+    if isinstance(config, ClusterConfig):
+        config = _cluster_files(config, path)
+    return config
+
+
+def _cluster_files(cluster: ClusterConfig, path: Path) -> ClusterConfig:
+    """``cluster`` with its cost files resolved (relative to ``path``) and checked, and a GPU
+    kind's costs filled in."""
+    if cluster.layer_costs is None and cluster.achieved_tflops is None and cluster.gpu is not None:
+        measured, rate = GPU_KINDS[cluster.gpu]
+        cluster = replace(cluster, layer_costs=str(CONFIGS / measured) if measured else None, achieved_tflops=rate)
+    elif cluster.layer_costs is not None:
+        costs = path.parent / cluster.layer_costs
         if not costs.is_file():
             raise ConfigError(f"{path}: layer_costs: {costs} is not a file")
-        config = replace(config, layer_costs=str(costs.resolve()))
-    return config
+        cluster = replace(cluster, layer_costs=str(costs.resolve()))
+    if cluster.measured_costs is not None:
+        from megatron_bitpipe.scale import measured_costs
+
+        costs = path.parent / cluster.measured_costs
+        if not costs.is_file():
+            raise ConfigError(f"{path}: measured_costs: {costs} is not a file")
+        try:
+            measured_costs.load(costs)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ConfigError(f"{path}: measured_costs: {costs} is not a costs.json "
+                              f"(megatron-bitpipe bench writes one): {error}") from None
+        cluster = replace(cluster, measured_costs=str(costs.resolve()))
+    return cluster
 
 
 def from_mapping(data: Any, kind: type[Config], path: Path) -> Config:

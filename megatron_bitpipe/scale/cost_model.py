@@ -13,16 +13,27 @@ Adam state (18 bytes per parameter in bf16/fp16, 16 in fp32; the optimizer's 12 
 with the distributed optimizer), the simulator's peak activation
 stash divided by TP, and the logits of one microbatch on the ranks holding the loss.
 
+A cluster with ``measured_costs`` (a ``costs.json`` fitted to a real run, ``scale/measured_costs.py``)
+takes its step costs from that file instead, for a model of the measured shape only (``measured``
+says what must match): F/B/I/W per layer and per action with the embedding and head extras (each
+stage's from ``KindCost.chunk_ms`` at its layer count), the action overhead, message latency and
+bandwidth and the replica sync per MB inside a node (the cluster's links across nodes, and
+inside a node for what the run did not calibrate: 0 in the file), the exposed data-parallel
+all-reduce at the same ms per MB times a ring's 2(DP-1)/DP, the optimizer step per parameter, the
+measured gradient finalization and the step's other work. Memory is estimated as above.
+
 This is a model, not a measurement: the bench measures.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from megatron_bitpipe.scale import measured_costs as fitted
 from megatron_bitpipe.scale.config import ClusterConfig, Layout, ModelConfig
 from megatron_bitpipe.scale.rank_order import slot_of
 from megatron_bitpipe.schedules import lower, registry
@@ -67,6 +78,9 @@ class Prediction:
     peak_memory_bytes: int = 0
     state_bytes: int = 0
     invalid: str | None = None
+    other_ms: float = 0.0
+    """Measured costs only: the measured gradient finalization and the rest of the step (zeroing,
+    the loss all-reduce), outside the pipeline, the data-parallel all-reduce and the optimizer."""
 
     @property
     def global_batch_size(self) -> int:
@@ -89,6 +103,11 @@ class Prediction:
 
 def layer_costs(model: ModelConfig, cluster: ClusterConfig) -> LayerCosts:
     """Per-layer and head costs of ``model`` on one GPU of ``cluster`` (TP=1)."""
+    costs = measured(model, cluster)
+    if costs is not None:
+        forward, backward = costs.kind("F"), costs.kind("B")
+        return LayerCosts(forward.per_layer_ms, backward.per_layer_ms, forward.embedding_ms, forward.head_ms,
+                          backward.head_ms, f"measured_costs {cluster.measured_costs} ({costs.basis})")
     rows, heads = _measured(cluster)
     exact = [row for row in rows if _matches(row, model)]
     if exact:
@@ -130,18 +149,25 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbat
     if model.num_layers % stages:
         return Prediction(model, cluster, layout, microbatches,
                           invalid=f"num_layers {model.num_layers} is not divisible by the {stages} stages per pipeline")
+    fit = measured(model, cluster)
     costs = costs or layer_costs(model, cluster)
     simulated_costs = stage_costs(model, cluster, layout, schedule, costs)
     dims = _dims(model)
     result = simulate(schedule, simulated_costs, dims)
     layers = model.num_layers // stages
     parameters = _parameters_per_rank(model, layout, schedule, layers)
-    data_parallel = _data_parallel_ms(cluster, layout, parameters, schedule.placement.chunks_per_rank)
-    optimizer = parameters * OPTIMIZER_BYTES_MOVED / (HBM_GBPS * 1e6)
+    chunks = schedule.placement.chunks_per_rank
+    if fit is None:
+        data_parallel = _data_parallel_ms(cluster, layout, parameters, chunks)
+        optimizer, other = parameters * OPTIMIZER_BYTES_MOVED / (HBM_GBPS * 1e6), 0.0
+    else:
+        data_parallel = _measured_data_parallel_ms(fit, cluster, layout, parameters, chunks)
+        optimizer = fit.optimizer_ms_per_mparam * parameters / 1e6
+        other = fit.finalize_ms + fit.step_other_ms
     state = int(parameters * _bytes_per_parameter(model, layout.data_parallel))
     activations = max(result.peak_activation_bytes or (0,)) // layout.tensor_parallel
     logits = _tokens(model) * model.vocab_size * 4 // layout.tensor_parallel
-    step = result.makespan + data_parallel + optimizer
+    step = result.makespan + data_parallel + optimizer + other
     return Prediction(
         model, cluster, layout, microbatches,
         step_ms=step,
@@ -153,6 +179,7 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbat
         sync_ms=sum(event.end - event.start for event in result.sync_events) / layout.pipeline_parallel,
         peak_memory_bytes=state + activations + logits,
         state_bytes=state,
+        other_ms=other,
     )
 
 
@@ -166,23 +193,88 @@ def check_layout(model: ModelConfig, cluster: ClusterConfig, layout: Layout) -> 
         return f"num_attention_heads {model.num_attention_heads} is not divisible by tensor_parallel {layout.tensor_parallel}"
     if layout.pipeline_rank_order == "replica-pairs" and not registry.get(layout.schedule).bidirectional:
         return f"replica-pairs places replicas; {layout.schedule} has one pipeline"
+    if cluster.measured_costs is not None and layout.tensor_parallel > 1:
+        return _tensor_parallel_refusal(cluster, layout)
     return None
+
+
+def _tensor_parallel_refusal(cluster: ClusterConfig, layout: Layout) -> str:
+    return (f"tensor_parallel {layout.tensor_parallel}: measured_costs {cluster.measured_costs} "
+            f"was measured at tensor_parallel 1")
+
+
+def measured(model: ModelConfig, cluster: ClusterConfig) -> fitted.MeasuredCosts | None:
+    """The cluster's ``measured_costs`` (None without); ValueError, one line naming the setting,
+    unless ``model`` has the measured hidden_size, num_attention_heads, seq_length and
+    micro_batch_size, the measured activation's bytes per value (its precision) and the default
+    ffn_hidden_size (4 x hidden_size: costs.json does not record it). num_layers may differ (the
+    costs are per layer); vocab_size too (costs.json does not record it: the embedding and head
+    extras are the measured model's)."""
+    if cluster.measured_costs is None:
+        return None
+    costs = _load_measured(cluster.measured_costs)
+    where = f"measured_costs {cluster.measured_costs}"
+    missing = [name for name in fitted.MODEL_SIZES if getattr(costs, name) is None]
+    if missing:
+        raise ValueError(f"{where} does not record the measured {', '.join(missing)}, so it cannot be "
+                         f"checked against model {model.name}")
+    differ = [name for name in fitted.MODEL_SIZES if getattr(costs, name) != getattr(model, name)]
+    if differ:
+        measured_sizes = ", ".join(f"{name} {getattr(costs, name)}" for name in differ)
+        model_sizes = ", ".join(f"{name} {getattr(model, name)}" for name in differ)
+        raise ValueError(f"{where} was measured with {measured_sizes}; model {model.name} has {model_sizes}")
+    values = costs.seq_length * costs.micro_batch_size * costs.hidden_size
+    if costs.activation_bytes and costs.activation_bytes != values * model.bytes_per_value:
+        raise ValueError(f"{where} was measured with {costs.activation_bytes / values:g}-byte activations; model "
+                         f"{model.name} has precision {model.precision} ({model.bytes_per_value} bytes)")
+    if model.ffn_hidden_size not in (None, 4 * model.hidden_size):
+        raise ValueError(f"{where} assumes ffn_hidden_size 4 x hidden_size = {4 * model.hidden_size}; "
+                         f"model {model.name} has ffn_hidden_size {model.ffn_hidden_size}")
+    return costs
+
+
+def _load_measured(path: str) -> fitted.MeasuredCosts:
+    """``costs.json`` at ``path``, read again only when the file changed."""
+    stat = Path(path).stat()
+    return _load_measured_version(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_measured_version(path: str, mtime_ns: int, size: int) -> fitted.MeasuredCosts:
+    return fitted.load(path)
 
 
 def stage_costs(model: ModelConfig, cluster: ClusterConfig, layout: Layout, schedule: Schedule,
                 costs: LayerCosts) -> Costs:
-    """Simulator costs (milliseconds, bytes per millisecond) of one stage of ``schedule``."""
+    """Simulator costs (milliseconds, bytes per millisecond) of one stage of ``schedule``;
+    with the cluster's ``measured_costs``, those of ``measured_costs.simulator_costs`` at this
+    model's layers per stage (``costs`` is then not used)."""
     layers = model.num_layers // schedule.placement.stages_per_pipeline
     tp = layout.tensor_parallel
-    tp_ms = 0.0
-    if tp > 1:
-        message = _tokens(model) * model.hidden_size * model.bytes_per_value
-        tp_ms = 2 * (2 * (tp - 1) / tp * message / (cluster.intra_node_gbps * 1e6) + cluster.intra_node_latency_us / 1e3)
     ranks_per_slot = layout.tensor_parallel * layout.data_parallel
     nodes = tuple(
         slot_of(rank, layout.pipeline_parallel, layout.pipeline_rank_order) * ranks_per_slot // cluster.gpus_per_node
         for rank in range(layout.pipeline_parallel)
     )
+    fit = measured(model, cluster)
+    if fit is not None:
+        if tp > 1:
+            raise ValueError(_tensor_parallel_refusal(cluster, layout))
+        per_layer = fit.parameters_per_layer or _layer_parameters(model)
+        base = fitted.simulator_costs(replace(fit, num_layers=model.num_layers, parameters_per_layer=per_layer),
+                                      schedule)
+        intra = {"latency": cluster.intra_node_latency_us / 1e3, "bandwidth": cluster.intra_node_gbps * 1e6}
+        uncalibrated = {}  # a link the measured run did not calibrate (0 in costs.json): the cluster's
+        if not (fit.message_latency_ms or fit.message_ms_per_mb):
+            uncalibrated.update(intra)
+        if not fit.sync_ms_per_mb:
+            uncalibrated.update(sync_latency=intra["latency"], sync_bandwidth=intra["bandwidth"])
+        return replace(base, rank_nodes=nodes, inter_node_latency=cluster.inter_node_latency_us / 1e3,
+                       inter_node_bandwidth=cluster.inter_node_gbps * 1e6, **uncalibrated)
+    tp_ms = 0.0
+    if tp > 1:
+        message = _tokens(model) * model.hidden_size * model.bytes_per_value
+        tp_ms = 2 * (2 * (tp - 1) / tp * message / (cluster.intra_node_gbps * 1e6) + cluster.intra_node_latency_us / 1e3)
     overhead = cluster.action_overhead_ms + layers * cluster.layer_overhead_ms
     return Costs(
         forward=overhead + layers * (costs.forward_ms / tp + tp_ms),
@@ -212,6 +304,17 @@ def _data_parallel_ms(cluster: ClusterConfig, layout: Layout, parameters: int, c
     latency = cluster.intra_node_latency_us if inside else cluster.inter_node_latency_us
     ring = 2 * (dp - 1) / dp * parameters * GRAD_BYTES / (bandwidth * 1e6)
     return ring / chunks + latency / 1e3
+
+
+def _measured_data_parallel_ms(fit: fitted.MeasuredCosts, cluster: ClusterConfig, layout: Layout,
+                               parameters: int, chunks: int) -> float:
+    """``_data_parallel_ms`` at the measured all-reduce ms per MB (a two-rank calibration: a ring
+    of DP ranks moves 2(DP-1)/DP times the bytes of one) when DP stays inside a node."""
+    dp = layout.data_parallel
+    if dp == 1 or layout.tensor_parallel * dp > cluster.gpus_per_node or not fit.sync_ms_per_mb:
+        return _data_parallel_ms(cluster, layout, parameters, chunks)
+    megabytes = parameters * GRAD_BYTES / 2**20
+    return 2 * (dp - 1) / dp * megabytes * fit.sync_ms_per_mb / chunks
 
 
 def _parameters_per_rank(model: ModelConfig, layout: Layout, schedule: Schedule, layers: int) -> int:

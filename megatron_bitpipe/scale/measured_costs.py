@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from megatron_bitpipe.schedules import registry
+from megatron_bitpipe.schedules.lower import lower
 from megatron_bitpipe.schedules.ir import Action, Schedule
 from megatron_bitpipe.schedules.simulate import Costs, simulate
 
@@ -298,7 +299,7 @@ def predict_step_ms(
     included), plus gradient finalization, the optimizer step for ``parameters_per_rank`` and
     the step's other work."""
     schedule = registry.build(name, num_ranks, num_microbatches, **(options or {}))
-    makespan = simulate(schedule, simulator_costs(costs, schedule)).makespan
+    makespan = simulate(lower(schedule), simulator_costs(costs, schedule)).makespan
     optimizer = costs.optimizer_ms_per_mparam * parameters_per_rank / 1e6
     return makespan + costs.finalize_ms + optimizer + costs.step_other_ms
 
