@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from megatron_bitpipe.outputs import prepare_output
+from megatron_bitpipe.scale import measured_costs
 from megatron_bitpipe.scale.commands import COMMAND_SPECS
 from megatron_bitpipe.schedules import registry
 from megatron_bitpipe.schedules.errors import ScheduleConfigError, ScheduleError
@@ -342,6 +343,12 @@ PLAN_FORMATS: dict[str, Callable[[Schedule], str]] = {
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add_schedule_arguments(parser, several=True)
     add_cost_arguments(parser)
+    parser.add_argument(
+        "--measured-costs",
+        metavar="COSTS.json",
+        help="costs measured by `megatron-bitpipe bench` (its costs.json) instead of the --cost-* "
+        "flags: per-layer and per-action compute, messages and replica syncs of the measured model",
+    )
     parser.add_argument("--grid", action="store_true", help="also print each schedule's time grid")
 
 
@@ -356,28 +363,38 @@ class Row:
     """``stage_share`` of the schedule: turns stashed chunks into 1/D-of-the-model units."""
 
 
-def simulated_row(name: str, schedule: Schedule, costs: Costs, dims: ModelDims | None) -> Row:
-    result = simulate_schedule(schedule, costs, dims)
+def simulated_row(
+    name: str, schedule: Schedule, costs: Costs, dims: ModelDims | None, measured: Any = None
+) -> Row:
+    """The schedule simulated at ``costs`` (per 1/D of the model), or at ``measured`` costs."""
+    if measured is None:
+        result = simulate_schedule(schedule, costs, dims)
+    else:
+        result = simulate(lower(schedule), measured_costs.simulator_costs(measured, schedule), dims)
     return Row(name, result, chunk_scale=stage_share(schedule))
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     names = schedule_names(args.schedule)
     costs, dims = costs_from(args), dims_from(args)
+    measured = measured_costs.load(args.measured_costs) if args.measured_costs else None
     options = given_options(args)
     single = len(names) == 1
     rows = []
     for name in names:
         try:
             picked = options if single else accepted_options(name, options)
-            rows.append(simulated_row(name, build_schedule(name, args, picked), costs, dims))
+            rows.append(simulated_row(name, build_schedule(name, args, picked), costs, dims, measured))
         except ValueError as error:
             if single:
                 raise
             why = "invalid schedule" if isinstance(error, ScheduleError) else "rejected"
             rows.append(Row(name, rejected=f"{why}: {str(error).splitlines()[0]}"))
-    baseline = baseline_row(rows, args, costs, dims, options)
-    print(settings_line(args, costs, options))
+    baseline = baseline_row(rows, args, costs, dims, options, measured)
+    line = settings_line(args, costs, options)
+    if measured is not None:
+        line = f"simulated at pp {args.pp}, microbatches {args.microbatches}, costs measured in {args.measured_costs} (ms)"
+    print(line)
     print(comparison_table(rows, baseline, with_bytes=dims is not None))
     print(
         f"peak act: stashed activations per rank, in microbatches over 1/{args.pp} of the model "
@@ -411,6 +428,7 @@ def baseline_row(
     costs: Costs,
     dims: ModelDims | None,
     options: dict[str, object],
+    measured: measured_costs.MeasuredCosts | None = None,
 ) -> Row:
     """1F1B at the same settings (only the options it takes), reusing its row when present."""
     for row in rows:
@@ -420,7 +438,7 @@ def baseline_row(
         return Row(BASELINE)
     try:
         schedule = build_schedule(BASELINE, args, accepted_options(BASELINE, options))
-        return simulated_row(BASELINE, schedule, costs, dims)
+        return simulated_row(BASELINE, schedule, costs, dims, measured)
     except ValueError as error:
         return Row(BASELINE, rejected=f"rejects these settings: {str(error).splitlines()[0]}")
 

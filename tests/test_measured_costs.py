@@ -170,3 +170,24 @@ def test_report_fills_simulated_step_error_and_ratios_from_profiles(tmp_path):
     assert set(report.breakdown) == set(names)
     text = bench_report.markdown(report)
     assert "fitted costs" in text and "| bitpipe |" in text
+
+
+def test_simulate_command_takes_measured_costs(tmp_path, capsys):
+    from megatron_bitpipe import cli
+
+    costs = measured_costs.fit([synthetic_profile("1f1b"), synthetic_profile("bitpipe")])
+    measured_costs.save(costs, tmp_path / "costs.json")
+    status = cli.main(["simulate", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4",
+                       "--measured-costs", str(tmp_path / "costs.json")])
+    printed = capsys.readouterr().out
+    assert status == 0 and "costs measured in" in printed
+    step = max(record["step_s"] for record in synthetic_profile("1f1b")["ranks"]) * 1e3
+    compute_only = step - FINALIZE_MS - OTHER_MS - OPTIMIZER_MS_PER_MPARAM * 4 * LAYER_PARAMETERS / 1e6
+    assert f"{compute_only:g}"[:5] in printed
+
+
+def test_a_file_that_is_not_costs_json_is_refused_in_one_line(tmp_path):
+    (tmp_path / "costs.json").write_text('{"basis": "wall"}')
+    with pytest.raises(ValueError) as error:
+        measured_costs.load(tmp_path / "costs.json")
+    assert "rerun the bench" in str(error.value) and "\n" not in str(error.value)

@@ -350,11 +350,16 @@ def save(costs: MeasuredCosts, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> MeasuredCosts:
-    """A ``costs.json`` written by ``save`` (``megatron-bitpipe bench``)."""
-    data = json.loads(Path(path).read_text())
-    kinds = {name: KindCost(**value) for name, value in data.pop("kinds").items()}
-    data["sources"] = tuple(data.get("sources", ()))
-    return MeasuredCosts(kinds=kinds, **data)
+    """A ``costs.json`` written by ``save`` (``megatron-bitpipe bench``); ValueError in one line
+    for a file that is not one (or comes from an older version: rerun the bench)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        kinds = {name: KindCost(**value) for name, value in data.pop("kinds").items()}
+        data["sources"] = tuple(data.get("sources", ()))
+        return MeasuredCosts(kinds=kinds, **data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a costs.json of this version of megatron-bitpipe bench "
+                         f"({str(error).splitlines()[0]}); rerun the bench to make one") from None
 
 
 def merged(values: Iterable[MeasuredCosts]) -> MeasuredCosts:
