@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_bitpipe.mcore import training
 
     _set_up_process_environment()
+    _pin_to_cores()
     world_size = int(os.environ["WORLD_SIZE"])
     pipeline_parallel = args.pipeline_model_parallel_size
     rank_order.apply_to_environment(pipeline_parallel, world_size // pipeline_parallel, args.pipeline_rank_order)
@@ -194,6 +195,24 @@ def prepare_outputs(args: argparse.Namespace, plans: Sequence[RunPlan]) -> None:
             prepare_output(plan.output_path(args.save_params), "--save-params")
         if args.save:
             prepare_output(plan.output_path(args.save), "--save", folder=True)
+
+
+PIN_VARIABLE = "MEGATRON_BITPIPE_PIN_CORES"
+"""Set to 1 (``megatron-bitpipe bench`` does, where ranks fit the cores): each local rank runs
+on its own share of this process's cores, as ``taskset`` would pin it."""
+
+
+def _pin_to_cores() -> None:
+    """Under ``MEGATRON_BITPIPE_PIN_CORES=1``, local rank r keeps cores [r*k, (r+1)*k) of the
+    ones it may use (k = cores / local ranks); nothing when the ranks outnumber the cores."""
+    if os.environ.get(PIN_VARIABLE) != "1" or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    share = len(cores) // max(local_ranks, 1)
+    if share >= 1:
+        os.sched_setaffinity(0, cores[local_rank * share : (local_rank + 1) * share])
 
 
 def _set_up_process_environment() -> None:

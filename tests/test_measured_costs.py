@@ -191,3 +191,19 @@ def test_a_file_that_is_not_costs_json_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError) as error:
         measured_costs.load(tmp_path / "costs.json")
     assert "rerun the bench" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("local_rank, local_ranks, cores, kept", [
+    (0, 2, [0, 1], [0]), (1, 2, [0, 1], [1]), (1, 2, [0, 1, 2, 3], [2, 3]), (3, 4, [0, 1], None),
+])
+def test_pinned_ranks_take_their_own_share_of_the_cores(monkeypatch, local_rank, local_ranks, cores, kept):
+    from megatron_bitpipe import train
+
+    pinned = []
+    monkeypatch.setenv(train.PIN_VARIABLE, "1")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(cores))
+    monkeypatch.setattr(train.os, "sched_setaffinity", lambda pid, chosen: pinned.append(sorted(chosen)))
+    train._pin_to_cores()
+    assert pinned == ([] if kept is None else [kept])

@@ -1,7 +1,8 @@
 """Real runs on this machine: the trainer under torchrun, its step times and memory read back.
 
 ``run_schedules`` starts ``python -m megatron_bitpipe.train`` once for several schedules (they run
-one after the other in one process group, same weights and data), with ``--measure-memory``, and
+one after the other in one process group, same weights and data), with ``--measure-memory``, each
+rank pinned to its own cores where the ranks fit (``OMP_NUM_THREADS`` = cores per rank), and
 returns per schedule the step times between the first (warm-up) iteration and the last (whose
 memory is measured, on CPU under torch's profiler) and each rank's peak activation memory.
 ``megatron-bitpipe bench``, ``sweep --run-local`` and ``scripts/gpu_check.py`` use it.
@@ -94,6 +95,8 @@ def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[
     command = trainer_command(processes, schedules, arguments)
     threads = max(1, (os.cpu_count() or 1) // processes)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    if processes <= (os.cpu_count() or 1):
+        environment["MEGATRON_BITPIPE_PIN_CORES"] = "1"  # each rank on its own cores (taskset)
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     log = result.stdout + result.stderr
     if result.returncode != 0:
