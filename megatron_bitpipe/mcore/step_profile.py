@@ -1,11 +1,15 @@
 """``--profile-step FILE.json``: what one training step cost on every rank, for the fitted simulator.
 
-Per rank, from the last iteration (run with each action's wall, wait and thread CPU time):
+Per rank, from every iteration but the first (warm-up) and, with ``--measure-memory``, the last
+(run with each action's wall, wait and thread CPU time), ``steps``, each with:
 
 * ``actions``: ``[action, start s, end s, waited s, cpu s]`` from the step's start (all ranks
   share the origin of a barrier), every action of the lowered program (none for megatron-core's
   own schedules, whose actions we do not see);
 * ``finalize_s`` (gradient syncs left after the program), ``optimizer_s``, ``step_s``;
+
+and once:
+
 * ``chunks``: per local chunk its stage, transformer layers, parameters and whether it holds the
   embedding or the output head;
 * ``message``: a calibration after training, pipeline rank pairs (0, 1), (2, 3), ...:
@@ -37,23 +41,15 @@ CALIBRATION_SIZES = (1, 2, 4)
 CALIBRATION_REPEATS = 5
 
 
-def rank_record(
-    chunks: list[Any],
-    stages: tuple[int, ...],
-    origin: float,
-    finalize_s: float,
-    optimizer_s: float,
-    step_s: float,
-    *,
-    traced: bool = True,
+def step_record(
+    iteration: int, origin: float, finalize_s: float, optimizer_s: float, step_s: float, *, traced: bool = True
 ) -> dict[str, Any]:
-    """This rank's measured step: its actions (relative to ``origin``; none unless ``traced``,
-    i.e. for megatron-core's own schedules) and its phases."""
+    """One measured iteration of this rank: its actions (relative to ``origin``; none unless
+    ``traced``, i.e. for megatron-core's own schedules) and its phases."""
     executor = forward_backward.last_executor() if traced else None
     trace = executor.trace if executor is not None else []
     return {
-        "rank": dist.get_rank(),
-        "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "iteration": iteration,
         "actions": [
             [str(event.action), event.start - origin, event.end - origin, event.waited, event.cpu]
             for event in trace
@@ -61,7 +57,21 @@ def rank_record(
         "finalize_s": finalize_s,
         "optimizer_s": optimizer_s,
         "step_s": step_s,
+    }
+
+
+def rank_record(
+    chunks: list[Any], stages: tuple[int, ...], steps: list[dict[str, Any]], message: list[list[float]],
+    sync: list[float],
+) -> dict[str, Any]:
+    """This rank's part of the file: its chunks, its measured steps and its calibrations."""
+    return {
+        "rank": dist.get_rank(),
+        "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "chunks": [_chunk_facts(chunk, stage) for chunk, stage in zip(chunks, stages, strict=True)],
+        "steps": steps,
+        "message": message,
+        "sync": sync,
     }
 
 

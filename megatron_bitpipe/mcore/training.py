@@ -259,9 +259,10 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
     data_iterator = session.data(args.train_iters - start, first_iteration=start)
     losses: list[float] = []
     first_gradients: dict[str, torch.Tensor] = {}
+    profiled_steps: list[dict[str, Any]] = []
     for iteration in range(start + 1, args.train_iters + 1):
         traced = args.trace and plan.uses_registry and iteration == args.train_iters
-        profiled = args.profile_step and iteration == _profiled_iteration(args)
+        profiled = args.profile_step and 2 <= iteration <= _profiled_iteration(args)
         trace_origin = _trace_origin() if traced or profiled else None
         started = time.perf_counter()
         for chunk in session.model:
@@ -308,7 +309,9 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         if traced:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
         if profiled:
-            _write_step_profile(session, trace_origin, optimizer_s, elapsed_ms / 1e3)
+            profiled_steps.append(_profiled_step(session, iteration, trace_origin, optimizer_s, elapsed_ms / 1e3))
+            if iteration == _profiled_iteration(args):
+                _write_step_profile(session, profiled_steps)
         if args.check_replicas_every and iteration % args.check_replicas_every == 0:
             guards.check_replicas(session.model, session.groups, iteration)
         interval = args.save_interval or args.train_iters
@@ -457,34 +460,46 @@ def _average_loss(reported: list[Any]) -> float | None:
 
 
 def _profiled_iteration(args: argparse.Namespace) -> int:
-    """The iteration ``--profile-step`` measures: the last, or the one before it when the last
-    is measured for memory (under torch's profiler on a CPU)."""
-    return args.train_iters - 1 if args.measure_memory and args.train_iters > 1 else args.train_iters
+    """The last iteration ``--profile-step`` measures (it measures every one from the second):
+    the last, or the one before it when the last is measured for memory (under torch's
+    profiler on a CPU)."""
+    return args.train_iters - 1 if args.measure_memory and args.train_iters > 2 else args.train_iters
 
 
-def _write_step_profile(session: _Session, origin: float, optimizer_s: float, step_s: float) -> None:
-    """``--profile-step``: this step's measured costs, then the message and sync calibrations."""
-    args, plan = session.args, session.plan
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    record = step_profile.rank_record(
-        session.model,
-        plan.placement.rank_stages[pp_rank],
+def _profiled_step(
+    session: _Session, iteration: int, origin: float, optimizer_s: float, step_s: float
+) -> dict[str, Any]:
+    """This rank's measured ``iteration`` for ``--profile-step``."""
+    return step_profile.step_record(
+        iteration,
         origin,
-        forward_backward.last_finalize_seconds() if plan.uses_registry else 0.0,
+        forward_backward.last_finalize_seconds() if session.plan.uses_registry else 0.0,
         optimizer_s,
         step_s,
-        traced=plan.uses_registry,
+        traced=session.plan.uses_registry,
     )
+
+
+def _write_step_profile(session: _Session, steps: list[dict[str, Any]]) -> None:
+    """``--profile-step``: the measured steps, then the message and sync calibrations."""
+    args, plan = session.args, session.plan
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     config = session.model[0].config
     activation_numel = args.seq_length * args.micro_batch_size * args.hidden_size
     dtype = config.pipeline_dtype or config.params_dtype
-    record["message"] = step_profile.calibrate_messages(
+    message = step_profile.calibrate_messages(
         activation_numel // parallel_state.get_tensor_model_parallel_world_size()
         if config.sequence_parallel
         else activation_numel,
         dtype,
     )
-    record["sync"] = step_profile.calibrate_sync(session.model, session.groups.group)
+    record = step_profile.rank_record(
+        session.model,
+        plan.placement.rank_stages[pp_rank],
+        steps,
+        message,
+        step_profile.calibrate_sync(session.model, session.groups.group),
+    )
     header = {
         "schedule": plan.schedule,
         "options": dict(plan.schedule_options),
@@ -499,7 +514,6 @@ def _write_step_profile(session: _Session, origin: float, optimizer_s: float, st
         "virtual_size": plan.virtual_size,
         "activation_bytes": activation_numel * torch.tensor([], dtype=dtype).element_size(),
         "cpu_time": not torch.cuda.is_available(),
-        "iteration": _profiled_iteration(args),
     }
     step_profile.write(plan.output_path(args.profile_step), header, record)
 

@@ -51,7 +51,7 @@ def build(
 ) -> Report:
     """The bench's figures for ``schedules`` measured in ``runs``."""
     profiles = {name: profiles_of(profile_folder, len(runs), name) if profile_folder else [] for name in schedules}
-    traced = [profile for name in schedules for profile in profiles[name] if any(r["actions"] for r in profile["ranks"])]
+    traced = [profile for name in schedules for profile in profiles[name] if _has_actions(profile)]
     costs = _fit(traced, len(runs), basis) if traced else None
     references = [name for name in REFERENCES if name in schedules]
     header = ["schedule", "step_ms_median", "step_ms_min", "step_ms_max", "tokens_per_s", "simulated_ms",
@@ -80,7 +80,7 @@ def build(
     breakdown = {
         name: _mean_breakdown(profiles[name], basis)
         for name in schedules
-        if any(record["actions"] for profile in profiles[name] for record in profile["ranks"])
+        if any(_has_actions(profile) for profile in profiles[name])
     }
     overhead = [
         (theirs, ours, statistics.median(run[ours].median_ms / run[theirs].median_ms for run in runs))
@@ -88,6 +88,10 @@ def build(
         if theirs in schedules and ours in schedules
     ]
     return Report(header, rows, costs, breakdown, overhead)
+
+
+def _has_actions(profile: dict[str, Any]) -> bool:
+    return any(step["actions"] for record in profile["ranks"] for step in record["steps"])
 
 
 def _fit(profiles: list[dict[str, Any]], runs: int, basis: str) -> measured_costs.MeasuredCosts:
@@ -154,8 +158,8 @@ def markdown(report: Report, note: str = "") -> str:
 
 
 def write_timelines(profile_folder: str | Path, runs: int, schedules: Sequence[str], out: str | Path) -> list[str]:
-    """``OUT/timeline-{schedule}.png`` from the last run's profile of each schedule (needs
-    matplotlib; returns the files written)."""
+    """``OUT/timeline-{schedule}.png`` from the last profiled step of the last run of each
+    schedule (needs matplotlib; returns the files written)."""
     from megatron_bitpipe.schedules import render
     from megatron_bitpipe.schedules.ir import Action
     from megatron_bitpipe.schedules.simulate import Event
@@ -163,12 +167,12 @@ def write_timelines(profile_folder: str | Path, runs: int, schedules: Sequence[s
     written = []
     for name in schedules:
         profiles = profiles_of(profile_folder, runs, name)
-        if not profiles or not any(record["actions"] for record in profiles[-1]["ranks"]):
+        if not profiles or not _has_actions(profiles[-1]):
             continue
         events = [
             Event(index, Action.parse(action[0]), action[1] * 1e3, action[2] * 1e3)
             for index, record in enumerate(profiles[-1]["ranks"])
-            for action in record["actions"]
+            for action in record["steps"][-1]["actions"]
             if Action.parse(action[0]).is_compute
         ]
         path = os.path.join(out, f"timeline-{name}.png")

@@ -1,7 +1,7 @@
 """Costs fitted to measured steps, the simulator's prediction from them, and where a step went.
 
 ``read_profile(path)`` loads a trainer's ``--profile-step`` file. ``fit(profiles)`` turns one or
-more of them (several schedules, several runs) into ``MeasuredCosts``:
+more of them (several schedules, several runs, every profiled iteration) into ``MeasuredCosts``:
 
 * per kind (F, B, I, W): milliseconds per transformer layer and per action (the fixed work of
   any chunk), plus the embedding's extra on a first stage and the output head and loss's extra
@@ -11,11 +11,16 @@ more of them (several schedules, several runs) into ``MeasuredCosts``:
   any number of ranks per core);
 * ``action_overhead_ms``: the executor's time per compute action outside the actions' compute
   (between actions, posting sends and receives, launching syncs);
-* messages: latency and bandwidth fitted to the calibration (one-way time against bytes);
+* messages: bandwidth from the calibration (one-way time against bytes, after training), and
+  the latency that makes an activation-sized message take what messages took during the steps:
+  the mean, over messages a receiver was already waiting for, of the time from the send's
+  posting to the end of that wait (ranks of one machine share the clock), so that what the
+  ranks' busy cores add to a message counts;
 * the gradient all-reduce's time per MB from its calibration (the simulator then places each
   replica sync after its stage's last backward); the optimizer step per parameter;
   ``finalize_ms``, the gradient finalization after the program of schedules without replicas
-  (the tied embedding's all-reduce between first and last stage, data parallel);
+  (the tied embedding's all-reduce between first and last stage, data parallel; of the
+  two-pipeline schedules where only they were measured);
   ``step_other_ms``, the rest of an iteration (zeroing, the loss all-reduce).
 
 ``predict_step_ms(costs, schedule, ...)`` simulates a schedule with them and adds the optimizer
@@ -114,24 +119,13 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
     if not profiles:
         raise ValueError("fit needs at least one --profile-step file")
     samples: dict[str, dict[tuple[int, bool, bool], list[float]]] = {kind: {} for kind in COMPUTE}
-    overheads, latencies, per_mb, syncs, optimizer, other, finalize = [], [], [], [], [], [], []
+    overheads, latencies, per_mb, syncs, optimizer, other = [], [], [], [], [], []
+    finalize: list[float] = []
+    replica_finalize: list[float] = []
     for profile in profiles:
         for record in profile["ranks"]:
             shapes = _chunk_shapes(record)
-            compute_actions, outside = 0, 0.0
-            actions = record["actions"]
-            for action in actions:
-                parsed = Action.parse(action[0])
-                if parsed.kind.value in COMPUTE:
-                    ms = _compute_ms(action, basis)
-                    samples[parsed.kind.value].setdefault(shapes[parsed.stage], []).append(ms)
-                    compute_actions += 1
-                else:
-                    outside += (action[2] - action[1] - action[3]) * 1e3
-            if actions and compute_actions:
-                spans = sum(action[2] - action[1] for action in actions)
-                gaps = (actions[-1][2] - actions[0][1] - spans) * 1e3
-                overheads.append((outside + max(gaps, 0.0)) / compute_actions)
+            parameters = sum(chunk["parameters"] for chunk in record["chunks"])
             latency, slope = _line([(size / 2**20, seconds * 1e3) for size, seconds in record.get("message", [])])
             if latency is not None:
                 latencies.append(latency)
@@ -139,12 +133,30 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
             if record.get("sync"):
                 size, seconds = record["sync"]
                 syncs.append(seconds * 1e3 / (size / 2**20))
-            if profile.get("num_pipelines", 1) == 1:
-                finalize.append(record["finalize_s"] * 1e3)
-            parameters = sum(chunk["parameters"] for chunk in record["chunks"])
-            optimizer.append(record["optimizer_s"] * 1e3 / (parameters / 1e6))
-            run_span = (actions[-1][2] - actions[0][1]) if actions else 0.0
-            other.append(max(0.0, (record["step_s"] - run_span - record["finalize_s"] - record["optimizer_s"]) * 1e3))
+            for step in record["steps"]:
+                compute_actions, outside = 0, 0.0
+                actions = step["actions"]
+                for action in actions:
+                    parsed = Action.parse(action[0])
+                    if parsed.kind.value in COMPUTE:
+                        ms = _compute_ms(action, basis)
+                        samples[parsed.kind.value].setdefault(shapes[parsed.stage], []).append(ms)
+                        compute_actions += 1
+                    else:
+                        outside += (action[2] - action[1] - action[3]) * 1e3
+                if actions and compute_actions:
+                    spans = sum(action[2] - action[1] for action in actions)
+                    gaps = (actions[-1][2] - actions[0][1] - spans) * 1e3
+                    overheads.append((outside + max(gaps, 0.0)) / compute_actions)
+                (finalize if profile.get("num_pipelines", 1) == 1 else replica_finalize).append(step["finalize_s"] * 1e3)
+                optimizer.append(step["optimizer_s"] * 1e3 / (parameters / 1e6))
+                run_span = (actions[-1][2] - actions[0][1]) if actions else 0.0
+                other.append(max(0.0, (step["step_s"] - run_span - step["finalize_s"] - step["optimizer_s"]) * 1e3))
+    observed = [latency for profile in profiles for latency in _observed_message_ms(profile)]
+    if observed:
+        size_mb = profiles[0]["activation_bytes"] / 2**20
+        slope = _median(per_mb)
+        latencies = [max(0.0, statistics.mean(observed) - size_mb * slope)]
     kinds = {kind: _fit_kind(by_shape) for kind, by_shape in samples.items() if by_shape}
     for split in ("I", "W"):
         if split in kinds and "B" in kinds and len({layers for layers, _, _ in samples[split]}) < 2:
@@ -168,7 +180,7 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         sync_ms_per_mb=_median(syncs),
         optimizer_ms_per_mparam=_median(optimizer),
         step_other_ms=_median(other),
-        finalize_ms=_median(finalize),
+        finalize_ms=_median(finalize or replica_finalize),
         num_layers=int(profiles[0]["num_layers"]),
         parameters_per_layer=_parameters_per_layer(profiles),
         sources=tuple(sorted({profile["schedule"] for profile in profiles})),
@@ -196,6 +208,34 @@ def _as_share_of_backward(
         return KindCost(backward.per_layer_ms * (1 - share), 0.0, 0.0, backward.per_action_ms * (1 - share))
     return KindCost(backward.per_layer_ms * share, backward.embedding_ms, backward.head_ms,
                     backward.per_action_ms * share)
+
+
+_SENDS = {"SEND_F": ("F", 1), "SEND_B": ("B", -1)}
+
+
+def _observed_message_ms(profile: dict[str, Any]) -> list[float]:
+    """Per message whose receiver was waiting for it: ms from the send's posting to the end of
+    the wait (the wait opens the consuming action; a backward may be an I)."""
+    latencies = []
+    for index in range(max(len(record["steps"]) for record in profile["ranks"])):
+        posted: dict[tuple[str, int, int], float] = {}
+        consumers: list[tuple[str, int, int, float]] = []
+        for record in profile["ranks"]:
+            if index >= len(record["steps"]):
+                continue
+            for name, start, end, waited, _ in record["steps"][index]["actions"]:
+                action = Action.parse(name)
+                kind = action.kind.value
+                if kind in _SENDS:
+                    consumer, offset = _SENDS[kind]
+                    posted[(consumer, action.stage + offset, action.microbatch)] = start
+                elif waited > 0 and kind in ("F", "B", "I"):
+                    consumers.append(("F" if kind == "F" else "B", action.stage, action.microbatch, start + waited))
+        for kind, stage, microbatch, arrived in consumers:
+            sent = posted.get((kind, stage, microbatch))
+            if sent is not None and arrived > sent:
+                latencies.append((arrived - sent) * 1e3)
+    return latencies
 
 
 def _parameters_per_layer(profiles: Sequence[dict[str, Any]]) -> int:
@@ -313,36 +353,46 @@ PARTS = ("compute", "waiting", "p2p", "overhead", "sync wait", "optimizer", "oth
 
 
 def breakdown(profile: dict[str, Any], basis: str = "wall") -> list[dict[str, float]]:
-    """Per rank, the measured step in milliseconds by ``PARTS`` (they add up to the step)."""
+    """Per rank and measured step, the step in milliseconds by ``PARTS`` (they add up to it)."""
     rows = []
     for record in profile["ranks"]:
-        actions = record["actions"]
-        compute = waiting = p2p = 0.0
-        for action in actions:
-            kind = Action.parse(action[0]).kind
-            span, waited = (action[2] - action[1]) * 1e3, action[3] * 1e3
-            if kind.value in COMPUTE:
-                cost = _compute_ms(action, basis) if basis == "wall" else min(_compute_ms(action, basis), span)
-                compute += cost
-                waiting += waited
-            else:
-                p2p += span
-        run_span = (actions[-1][2] - actions[0][1]) * 1e3 if actions else 0.0
-        step = record["step_s"] * 1e3
-        overhead = run_span - compute - waiting - p2p
-        finalize, optimizer = record["finalize_s"] * 1e3, record["optimizer_s"] * 1e3
-        rows.append({
-            "rank": record["rank"],
-            "step": step,
-            "compute": compute,
-            "waiting": waiting,
-            "p2p": p2p,
-            "overhead": overhead,
-            "sync wait": finalize,
-            "optimizer": optimizer,
-            "other": step - run_span - finalize - optimizer,
-        })
+        for step in record["steps"]:
+            actions = step["actions"]
+            compute = waiting = p2p = 0.0
+            for action in actions:
+                kind = Action.parse(action[0]).kind
+                span, waited = (action[2] - action[1]) * 1e3, action[3] * 1e3
+                if kind.value in COMPUTE:
+                    compute += min(_compute_ms(action, basis), span - waited)
+                    waiting += waited
+                else:
+                    p2p += span
+            run_span = (actions[-1][2] - actions[0][1]) * 1e3 if actions else 0.0
+            total = step["step_s"] * 1e3
+            finalize, optimizer = step["finalize_s"] * 1e3, step["optimizer_s"] * 1e3
+            rows.append({
+                "rank": record["rank"],
+                "iteration": step.get("iteration", 0),
+                "step": total,
+                "compute": compute,
+                "waiting": waiting,
+                "p2p": p2p,
+                "overhead": run_span - compute - waiting - p2p,
+                "sync wait": finalize,
+                "optimizer": optimizer,
+                "other": total - run_span - finalize - optimizer,
+            })
     return rows
+
+
+def measured_step_ms(profile: dict[str, Any]) -> float:
+    """The median over the profiled iterations of the slowest rank's step."""
+    by_iteration: dict[int, float] = {}
+    for record in profile["ranks"]:
+        for index, step in enumerate(record["steps"]):
+            key = step.get("iteration", index)
+            by_iteration[key] = max(by_iteration.get(key, 0.0), step["step_s"] * 1e3)
+    return statistics.median(by_iteration.values())
 
 
 def save(costs: MeasuredCosts, path: str | Path) -> None:
