@@ -4,7 +4,10 @@ executor's overhead against megatron-core on the same order, and measured timeli
 
 Inputs are the runs' ``Measured`` figures and their ``--profile-step`` files
 (``FOLDER/run{k}/{schedule}.json``). Medians over runs throughout: a schedule's step is the
-median of its runs' median steps, a ratio the median of the per-run ratios.
+median of its runs' median steps, a ratio the median of the per-run ratios, the simulator's
+error the median of per-run errors, each predicted from the costs of the schedule's own steps
+in that run. ``costs.json`` is one fit over every run and schedule (what ``simulate``, ``sweep``
+and ``recommend`` then use).
 """
 
 from __future__ import annotations
@@ -70,9 +73,11 @@ def build(
             "peak_activation_bytes": str(max(max(run[name].peak_activation_bytes) for run in runs)),
             "runs": str(len(runs)),
         }
-        predicted = _predict(costs, name, profiles[name]) if costs else None
+        pairs = _run_predictions(name, runs, profiles, basis)
+        predicted = statistics.median(pair[0] for pair in pairs) if pairs else None
+        error = statistics.median(100 * (pair[0] - pair[1]) / pair[1] for pair in pairs) if pairs else None
         figures["simulated_ms"] = f"{predicted:.1f}" if predicted else ""
-        figures["error_pct"] = f"{100 * (predicted - median) / median:+.1f}" if predicted else ""
+        figures["error_pct"] = f"{error:+.1f}" if error is not None else ""
         for reference in references:
             ratios = [run[reference].median_ms / run[name].median_ms for run in runs]
             figures[f"vs_{reference}"] = f"{statistics.median(ratios):.3f}"
@@ -90,6 +95,31 @@ def build(
     return Report(header, rows, costs, breakdown, overhead)
 
 
+def _run_predictions(
+    name: str, runs: Sequence[dict[str, Measured]], profiles: dict[str, list[dict[str, Any]]], basis: str
+) -> list[tuple[float, float]]:
+    """Per run: (the simulator's step for ``name`` from the costs measured in that run's steps
+    of the same order, the measured median step). A machine's speed drifts between runs and
+    between schedules of one run; costs from the schedule's own steps keep that drift out of
+    the simulator's error, which then measures what it models (bubbles, messages, syncs, the
+    optimizer), and each rank's own speed (``measured_costs.rank_time_factors``) keeps a core
+    that ran slower out of it too. megatron-core's schedules take the costs of our run of the
+    same order."""
+    order = MEGATRON_ORDERS.get(name, name)
+    pairs = []
+    for index, run in enumerate(runs):
+        own = [profile for profile in profiles.get(order, []) if profile["_run"] == index and _has_actions(profile)]
+        mine = [profile for profile in profiles.get(name, []) if profile["_run"] == index] or own
+        if not own or not mine:
+            continue
+        costs = measured_costs.fit(own, basis)
+        factors = measured_costs.rank_time_factors(own[0], costs, basis)
+        predicted = _predict(costs, name, mine, factors)
+        if predicted:
+            pairs.append((predicted, run[name].median_ms))
+    return pairs
+
+
 def _has_actions(profile: dict[str, Any]) -> bool:
     return any(step["actions"] for record in profile["ranks"] for step in record["steps"])
 
@@ -103,7 +133,12 @@ def _fit(profiles: list[dict[str, Any]], runs: int, basis: str) -> measured_cost
     return measured_costs.merged(fits) if len(fits) > 1 else fits[0]
 
 
-def _predict(costs: measured_costs.MeasuredCosts, name: str, profiles: list[dict[str, Any]]) -> float | None:
+def _predict(
+    costs: measured_costs.MeasuredCosts,
+    name: str,
+    profiles: list[dict[str, Any]],
+    rank_time_factors: tuple[float, ...] = (),
+) -> float | None:
     if not profiles:
         return None
     profile = profiles[0]
@@ -116,7 +151,7 @@ def _predict(costs: measured_costs.MeasuredCosts, name: str, profiles: list[dict
         options["vp"] = profile["virtual_size"]
     return measured_costs.predict_step_ms(
         costs, order, profile["num_ranks"], profile["num_microbatches"],
-        measured_costs.parameters_per_rank(profile), options,
+        measured_costs.parameters_per_rank(profile), options, rank_time_factors,
     )
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -125,7 +125,6 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
     for profile in profiles:
         for record in profile["ranks"]:
             shapes = _chunk_shapes(record)
-            parameters = sum(chunk["parameters"] for chunk in record["chunks"])
             latency, slope = _line([(size / 2**20, seconds * 1e3) for size, seconds in record.get("message", [])])
             if latency is not None:
                 latencies.append(latency)
@@ -148,15 +147,13 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
                     spans = sum(action[2] - action[1] for action in actions)
                     gaps = (actions[-1][2] - actions[0][1] - spans) * 1e3
                     overheads.append((outside + max(gaps, 0.0)) / compute_actions)
-                (finalize if profile.get("num_pipelines", 1) == 1 else replica_finalize).append(step["finalize_s"] * 1e3)
-                optimizer.append(step["optimizer_s"] * 1e3 / (parameters / 1e6))
-                run_span = (actions[-1][2] - actions[0][1]) if actions else 0.0
-                other.append(max(0.0, (step["step_s"] - run_span - step["finalize_s"] - step["optimizer_s"]) * 1e3))
+        _step_phases(profile, finalize if profile.get("num_pipelines", 1) == 1 else replica_finalize,
+                     optimizer, other)
     observed = [latency for profile in profiles for latency in _observed_message_ms(profile)]
     if observed:
         size_mb = profiles[0]["activation_bytes"] / 2**20
         slope = _median(per_mb)
-        latencies = [max(0.0, statistics.mean(observed) - size_mb * slope)]
+        latencies = [max(0.0, statistics.median(observed) - size_mb * slope)]
     kinds = {kind: _fit_kind(by_shape) for kind, by_shape in samples.items() if by_shape}
     for split in ("I", "W"):
         if split in kinds and "B" in kinds and len({layers for layers, _, _ in samples[split]}) < 2:
@@ -186,6 +183,23 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         sources=tuple(sorted({profile["schedule"] for profile in profiles})),
         **{size: profiles[0].get(size) for size in MODEL_SIZES},
     )
+
+
+def _step_phases(profile: dict[str, Any], finalize: list[float], optimizer: list[float], other: list[float]) -> None:
+    """Per measured step, the finalization, the optimizer step (per M parameters) and the rest
+    of the rank whose program ended last: the others' phases include waiting for it."""
+    records = profile["ranks"]
+    for index in range(min(len(record["steps"]) for record in records)):
+        steps = [(record, record["steps"][index]) for record in records if record["steps"][index]["actions"]]
+        if not steps:
+            continue
+        record, step = max(steps, key=lambda pair: pair[1]["actions"][-1][2])
+        actions = step["actions"]
+        parameters = sum(chunk["parameters"] for chunk in record["chunks"])
+        finalize.append(step["finalize_s"] * 1e3)
+        optimizer.append(step["optimizer_s"] * 1e3 / (parameters / 1e6))
+        run_span = actions[-1][2] - actions[0][1]
+        other.append(max(0.0, (step["step_s"] - run_span - step["finalize_s"] - step["optimizer_s"]) * 1e3))
 
 
 def _as_share_of_backward(
@@ -334,14 +348,36 @@ def predict_step_ms(
     num_microbatches: int,
     parameters_per_rank: float,
     options: dict[str, Any] | None = None,
+    rank_time_factors: tuple[float, ...] = (),
 ) -> float:
     """Simulated step of registry schedule ``name``: its makespan with ``costs`` (replica syncs
-    included), plus gradient finalization, the optimizer step for ``parameters_per_rank`` and
-    the step's other work."""
+    included; each rank's compute times ``rank_time_factors``, see ``rank_time_factors``), plus
+    gradient finalization, the optimizer step for ``parameters_per_rank`` and the step's other
+    work."""
     schedule = registry.build(name, num_ranks, num_microbatches, **(options or {}))
-    makespan = simulate(lower(schedule), simulator_costs(costs, schedule)).makespan
+    stage_costs = replace(simulator_costs(costs, schedule), rank_time_factors=rank_time_factors)
+    makespan = simulate(lower(schedule), stage_costs).makespan
     optimizer = costs.optimizer_ms_per_mparam * parameters_per_rank / 1e6
     return makespan + costs.finalize_ms + optimizer + costs.step_other_ms
+
+
+def rank_time_factors(profile: dict[str, Any], costs: MeasuredCosts, basis: str = "wall") -> tuple[float, ...]:
+    """Per rank of ``profile``, the median over its compute actions of measured over fitted
+    time: how much slower (> 1) or faster its core ran than the fit's pooled costs. On a shared
+    machine two cores may differ by tens of percent for a while."""
+    factors = []
+    for record in profile["ranks"]:
+        shapes = _chunk_shapes(record)
+        ratios = []
+        for step in record["steps"]:
+            for action in step["actions"]:
+                parsed = Action.parse(action[0])
+                if parsed.kind.value in COMPUTE:
+                    modelled = costs.kind(parsed.kind.value).chunk_ms(*shapes[parsed.stage])
+                    if modelled > 0:
+                        ratios.append(_compute_ms(action, basis) / modelled)
+        factors.append(statistics.median(ratios) if ratios else 1.0)
+    return tuple(factors)
 
 
 def parameters_per_rank(profile: dict[str, Any]) -> float:

@@ -70,6 +70,8 @@ class Costs:
     rank_nodes: tuple[int, ...] = ()
     inter_node_latency: float = 0.0
     inter_node_bandwidth: float = math.inf
+    rank_time_factors: tuple[float, ...] = ()
+    """Per rank, a factor on its compute durations (a rank on a slower core > 1); none: 1."""
 
     def duration(self, action: Action, position: int, stages_per_pipeline: int) -> float:
         """Duration of compute ``action`` on a stage at ``position`` of its pipeline."""
@@ -200,8 +202,10 @@ def timeline(schedule: Schedule, costs: Costs) -> list[Event]:
     stage_rank = placement.stage_ranks
     first = [placement.is_first(stage) for stage in range(num_stages)]
     last = [placement.is_last(stage) for stage in range(num_stages)]
+    factors = costs.rank_time_factors or (1.0,) * placement.num_ranks
     durations = {
         (kind, stage): costs.duration(Action(stage, kind, 0), placement.position(stage), per_pipeline)
+        * factors[stage_rank[stage]]
         for kind in (Kind.F, Kind.B, Kind.I, Kind.W)
         for stage in range(num_stages)
     }
