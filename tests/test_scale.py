@@ -250,6 +250,16 @@ def test_recommend_answers_for_the_paper_gpt_on_32_gpus(paper, capsys):
     assert any(recommend.why_slower(p, winner).startswith("does not fit") for p in found.left_out if p.invalid is None)
 
 
+def test_breakdown_parts_add_up_to_the_predicted_step(paper):
+    for schedule, vp in (("bitpipe", None), ("interleaved-1f1b", 2), ("1f1b", None)):
+        prediction = cost_model.predict(*paper, config.Layout(schedule, 8, 1, 4, vp), 16)
+        parts = recommend.breakdown(prediction)
+        assert parts["compute"] + parts["pipeline idle"] == pytest.approx(prediction.pipeline_ms)
+        added = sum(parts[part] for part in recommend.BREAKDOWN_PARTS if part != "replica sync")
+        assert added == pytest.approx(prediction.step_ms)
+        assert (parts["replica sync"] > 0) == (schedule == "bitpipe")
+
+
 def test_recommends_winner_written_as_a_launch_config_becomes_a_slurm_job(tmp_path, capsys):
     models, clusters = CONFIGS / "models", CONFIGS / "clusters"
     winner = tmp_path / "winner.yaml"

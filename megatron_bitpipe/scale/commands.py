@@ -154,6 +154,9 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", required=True, help="a cluster config (configs/clusters/*.yaml)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs to use")
     parser.add_argument("--top", type=int, default=8, help="runners-up to show")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also the best layout of every schedule with its predicted step split into "
+                        "compute, pipeline idle, replica sync, data-parallel all-reduce, optimizer and the rest")
     parser.add_argument("--write-launch", metavar="FILE",
                         help="write the winner as a launch config (then: megatron-bitpipe launch FILE --slurm)")
 
@@ -181,6 +184,8 @@ def run_recommend(args: argparse.Namespace) -> int:
         why = "fastest" if prediction is winner else recommend.why_slower(prediction, winner)
         print(f"{rank:<6}{prediction.layout.label():<42}{prediction.microbatches:>5}"
               f"{prediction.tokens_per_s:>12,.0f}{prediction.peak_memory_bytes / GIB:>7.1f}  {why}")
+    if args.breakdown:
+        _print_breakdown(found)
     oom = [p for p in found.left_out if p.invalid is None]
     if oom:
         closest = max(oom, key=lambda p: p.tokens_per_s)
@@ -204,6 +209,18 @@ def run_recommend(args: argparse.Namespace) -> int:
                 "--rdzv-endpoint=$MASTER_ADDR:29500", *command[1:]]
     print("  " + " ".join(torchrun))
     return 0
+
+
+def _print_breakdown(found: recommend.Recommendation) -> None:
+    """The best layout of each schedule and its predicted step by part (ms)."""
+    parts = recommend.BREAKDOWN_PARTS
+    print(f"\nbest layout of each schedule, predicted step by part (ms; replica sync is the syncs' own "
+          f"time per rank, hidden in the pipeline where they overlap):")
+    print(f"{'layout':<42}{'step':>8}" + "".join(f"{part:>15}" for part in parts))
+    for prediction in recommend.best_per_schedule(found):
+        figures = recommend.breakdown(prediction)
+        print(f"{prediction.layout.label():<42}{prediction.step_ms:>8.0f}"
+              + "".join(f"{figures[part]:>15.0f}" for part in parts))
 
 
 def _launch_yaml(model_path: str, cluster_path: str, launch: config.LaunchConfig) -> str:

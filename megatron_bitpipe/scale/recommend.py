@@ -4,7 +4,8 @@
 schedule with vp 2 and 4 where it takes one, and both rank orders for two-pipeline schedules, at
 the model's global batch size. ``recommend`` predicts them all and ranks those that fit in
 memory by tokens/s. ``why_slower`` says what a runner-up loses against the winner: more bubble,
-more communication, more compute per GPU, a slower optimizer step, or memory.
+more communication, more compute per GPU, a slower optimizer step, or memory; ``breakdown``
+splits a predicted step into its parts.
 """
 
 from __future__ import annotations
@@ -66,6 +67,32 @@ def recommend(model: ModelConfig, cluster: ClusterConfig, gpus: int) -> Recommen
     ranked = sorted((p for p in predictions if p.fits), key=lambda p: -p.tokens_per_s)
     left_out = [p for p in predictions if not p.fits]
     return Recommendation(tuple(ranked), tuple(left_out))
+
+
+BREAKDOWN_PARTS = ("compute", "pipeline idle", "replica sync", "data parallel", "optimizer", "other")
+
+
+def best_per_schedule(found: Recommendation) -> list[Prediction]:
+    """The fastest fitting layout of each schedule, fastest first."""
+    best: dict[str, Prediction] = {}
+    for prediction in found.ranked:
+        best.setdefault(prediction.layout.schedule, prediction)
+    return list(best.values())
+
+
+def breakdown(prediction: Prediction) -> dict[str, float]:
+    """The predicted step in ms by ``BREAKDOWN_PARTS``: the busiest rank's compute, the rest of
+    the pipeline's makespan (bubbles, messages, the replica syncs that end after the compute),
+    the data-parallel all-reduce, the optimizer step and the rest. ``replica sync`` is the mean
+    per rank of the syncs' own time, overlapped or not (part of the makespan, not added)."""
+    return {
+        "compute": prediction.compute_ms,
+        "pipeline idle": prediction.pipeline_ms - prediction.compute_ms,
+        "replica sync": prediction.sync_ms,
+        "data parallel": prediction.data_parallel_ms,
+        "optimizer": prediction.optimizer_ms,
+        "other": prediction.other_ms,
+    }
 
 
 def why_slower(prediction: Prediction, winner: Prediction) -> str:
