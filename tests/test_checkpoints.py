@@ -48,24 +48,28 @@ def uninterrupted(tmp_path_factory) -> tuple[list[float], dict[str, tuple[int, .
     [
         (("4", "bitpipe"), ("2", "1f1b")),
         (("2", "1f1b"), ("4", "chimera")),
+        (("2", "bitpipe", 4), ("2", "v-half", 4)),
     ],
-    ids=["bitpipe-pp4-to-1f1b-pp2", "1f1b-pp2-to-chimera-pp4"],
+    ids=["bitpipe-pp4-to-1f1b-pp2", "1f1b-pp2-to-chimera-pp4", "bitpipe-dp2-to-v-half-dp2"],
 )
 def test_training_resumes_under_another_schedule_as_if_uninterrupted(
     uninterrupted, tmp_path, first, second
 ):
+    """At data parallel 2 the save is fully parallel (Megatron-LM's default), where a rank holding
+    two copies of a shard (a replica, a locally tied head) once claimed it twice."""
     losses, reference_keys = uninterrupted
-    (pp_before, before), (pp_after, after) = first, second
+    pp_before, before, *world_before = first
+    pp_after, after, *world_after = second
     folder = tmp_path / "checkpoints"
     log = train(
-        int(pp_before),
+        (world_before or [int(pp_before)])[0],
         "--pipeline-model-parallel-size", pp_before, "--pipeline-schedule", before,
         "--train-iters", "2", "--save", str(folder),
     )
     assert (folder / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert saved_keys(folder / "iter_0000002") == reference_keys, "keys and shapes of one GPT"
     resumed = train(
-        int(pp_after),
+        (world_after or [int(pp_after)])[0],
         "--pipeline-model-parallel-size", pp_after, "--pipeline-schedule", after,
         "--load", str(folder),
     )
@@ -80,6 +84,24 @@ def test_a_checkpoint_holds_one_copy_of_each_layer_and_no_separate_tied_head(uni
     # megatron stacks the layers of a block along a leading axis: all 16, once
     assert keys["decoder.layers.mlp.linear_fc1.weight"] == (16, 128, 32)
     assert keys["optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight"] == (16, 128, 32)
+
+
+def test_a_rank_with_two_copies_of_a_shard_writes_one():
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_bitpipe.mcore.checkpointing import _copy_mark, _one_main_copy_per_shard
+
+    weight = torch.zeros(4, 2)
+
+    def shard(key, replica_id):
+        return ShardedTensor.from_rank_offsets(key, weight, replica_id=replica_id)
+
+    embedding, head, other = shard("embedding", (0, 0, 1)), shard("embedding", (1, 0, 1)), shard("layer", (0, 0, 1))
+    marks = [_copy_mark(item.replica_id) for item in (head, embedding, other)]
+    for item in (head, embedding, other):
+        item.replica_id = 0  # what the fully-parallel distribution does on the rank chosen to write
+    _one_main_copy_per_shard([head, embedding, other], marks)
+    assert (embedding.replica_id, head.replica_id, other.replica_id) == (0, 1, 0)
 
 
 def test_loading_a_folder_without_a_finished_checkpoint_names_it(tmp_path):

@@ -70,6 +70,13 @@ def test_interleaved_schedules_take_the_users_virtual_size():
     assert argv.count("--num-virtual-stages-per-pipeline-rank") == 1
 
 
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "breadth-first"])
+def test_interleaved_schedules_without_a_virtual_size_tell_megatron_their_default(schedule):
+    run_plan, argv = plan("--pipeline-model-parallel-size", "4", "--pipeline-schedule", schedule)
+    assert run_plan.placement.chunks_per_rank == 2
+    assert argv[-2:] == ["--num-virtual-stages-per-pipeline-rank", "2"]
+
+
 def test_bitpipe_memory_option_reaches_the_schedule():
     run_plan, _ = plan("--pipeline-model-parallel-size", "4", "--pipeline-schedule", "bitpipe",
                        "--max-inflight", "6")
@@ -240,14 +247,16 @@ TINY = (
 
 
 def pretrain_gpt(processes: int, *extra: str, script: str | None = None) -> str:
-    """Megatron-LM's pretrain_gpt.py through our launcher (or a patched copy run directly)."""
+    """Megatron-LM's pretrain_gpt.py through our launcher, which finds ``megatron.training`` in
+    the script's checkout with no PYTHONPATH (or a patched copy run directly, with the checkout
+    on PYTHONPATH for the copy's imports)."""
     assert CHECKOUT is not None
     if script is None:
-        target = ["-m", "megatron_bitpipe.megatron_lm", f"{CHECKOUT}/pretrain_gpt.py"]
+        target, path = ["-m", "megatron_bitpipe.megatron_lm", f"{CHECKOUT}/pretrain_gpt.py"], []
     else:
-        target = [script]
+        target, path = [script], [CHECKOUT]
     return succeeded(
-        run(processes, [*target, *TINY, *extra], pythonpath=[CHECKOUT], timeout=600, torchrun=True)
+        run(processes, [*target, *TINY, *extra], pythonpath=path, timeout=600, torchrun=True)
     )
 
 
@@ -335,7 +344,7 @@ def test_zero_bubble_schedules_run_with_megatron_lms_default_dropout_fusion():
     assert len(defaults) == len(TINY) - 4
     result = run(2, ["-m", "megatron_bitpipe.megatron_lm", f"{CHECKOUT}/pretrain_gpt.py", *defaults,
                      "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-h1"],
-                 pythonpath=[CHECKOUT], timeout=600)
+                 timeout=600)
     losses = logged_losses(succeeded(result))
     assert len(losses) == 4 and all(4.0 < loss < 7.0 for loss in losses)
 
@@ -412,3 +421,18 @@ def test_pretrain_gpt_with_a_refused_feature_stops_with_one_line_and_status_2(mo
         assert stopped.value.code == 2, flags
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"megatron_bitpipe: error: {message}"), lines
+
+
+def test_on_a_cpu_the_local_specs_torch_norm_takes_sequence_parallel():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cpu._allow_sequence_parallel_torch_norm()
+    config = SimpleNamespace(sequence_parallel=True, normalization="RMSNorm")
+    norm = WrappedTorchNorm(config, 8, 1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm)
+    assert all(param.sequence_parallel for param in norm.parameters())
+
+
+def test_cpu_runs_turn_off_the_cuda_only_fusions_unless_the_user_chose():
+    flags = dict(cpu.CPU_FLAGS)
+    assert "--no-rope-fusion" in flags and "--no-masked-softmax-fusion" in flags

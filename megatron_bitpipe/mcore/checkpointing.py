@@ -12,6 +12,14 @@ shard (``replica_id`` all zeros) among all ranks. Two things our placements add 
   head: under the embedding's key, as a replica (``replica_id`` (1, 0, dp)), so it is loaded from
   the embedding and never written.
 
+Both leave two tensors of one shard on one rank (a copy and its main replica). megatron's
+fully-parallel save (``FullyParallelSaveStrategyWrapper``, Megatron-LM's default at data
+parallel > 1) spreads the writes over the data-parallel ranks by marking, per shard, every local
+tensor of the rank chosen to write it the main replica: both copies then claim it and the save
+fails (``Invalid access pattern``). ``follow_placement`` therefore also installs, once per
+process, ``_one_main_copy_per_shard`` around that marking: of several local tensors of a shard
+it keeps as main only the one that was main before (the copy's twin), the others replicas.
+
 A checkpoint therefore loads under any other schedule, PP and placement, megatron's own included.
 ``follow_placement`` installs this on a chunk (``build_chunks`` calls it);
 ``save_checkpoint`` / ``load_checkpoint`` write and read one in Megatron-LM's layout
@@ -44,6 +52,7 @@ REPLICA_OFFSET = 2
 
 def follow_placement(model: Any, placement: Placement, *, tied_locally: bool) -> None:
     """Make ``model.sharded_state_dict()`` give an ordinary GPT's keys and one main copy."""
+    _install_one_main_copy_per_shard()
     original = model.sharded_state_dict
     replica = placement.pipeline_of(model.bitpipe_stage) == 1
 
@@ -80,6 +89,54 @@ def _as_replica(value: Any) -> Any:
         else:
             value.replica_id = (replica_id[0] + REPLICA_OFFSET, *replica_id[1:])
     return value
+
+
+def _install_one_main_copy_per_shard() -> None:
+    """Wrap megatron's fully-parallel save distribution once (idempotent)."""
+    from megatron.core.dist_checkpointing.strategies import fully_parallel
+
+    original = fully_parallel.distribute_main_replicas_with_precomputed_distribution
+    if getattr(original, "bitpipe_one_main_copy", False):
+        return
+
+    def distribute(sharded_state_dict: Any, parallelization_group: Any, precomputed_distribution: Any) -> None:
+        before = _local_shards(sharded_state_dict)
+        copy_marks = [_copy_mark(shard.replica_id) for shard in before]
+        original(sharded_state_dict, parallelization_group, precomputed_distribution)
+        _one_main_copy_per_shard(before, copy_marks)
+
+    distribute.bitpipe_one_main_copy = True  # type: ignore[attr-defined]
+    fully_parallel.distribute_main_replicas_with_precomputed_distribution = distribute
+
+
+def _local_shards(sharded_state_dict: Any) -> list[Any]:
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return [value for value in nested_values(sharded_state_dict) if isinstance(value, ShardedTensor)]
+
+
+def _copy_mark(replica_id: Any) -> int:
+    """The first component of a replica id: 0 for a model's own tensor, 1 for a tied head kept
+    under the embedding's key, ``REPLICA_OFFSET`` and up for an up-pipeline copy."""
+    return replica_id if isinstance(replica_id, int) else replica_id[0]
+
+
+def _one_main_copy_per_shard(shards: list[Any], copy_marks: list[int]) -> None:
+    """Of this rank's tensors of one shard marked main, keep one: the one with the lowest copy
+    mark before the distribution (the copies' original); the rest become replicas (id 1)."""
+    from megatron.core.dist_checkpointing.utils import _sharded_tensor_shard_id
+
+    by_shard: dict[Any, list[int]] = {}
+    for index, shard in enumerate(shards):
+        if shard.replica_id == 0:
+            by_shard.setdefault(_sharded_tensor_shard_id(shard), []).append(index)
+    for indices in by_shard.values():
+        if len(indices) > 1:
+            keep = min(indices, key=lambda index: copy_marks[index])
+            for index in indices:
+                if index != keep:
+                    shards[index].replica_id = 1
 
 
 def metadata() -> dict[str, Any]:
@@ -131,13 +188,25 @@ def save_checkpoint(root: str, iteration: int, model: list[Any], optimizer: Any)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata())
     state["iteration"] = iteration
     _writers_die_with_this_process()
-    dist_checkpointing.save(state, folder)
+    dist_checkpointing.save(state, folder, sharded_strategy=_save_strategy())
     faults.trigger("save", rank=torch.distributed.get_rank(), iteration=iteration)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, TRACKER), "w", encoding="utf-8") as handle:
             handle.write(str(iteration))
     return folder
+
+
+def _save_strategy() -> Any:
+    """Megatron-LM's default (``--ckpt-fully-parallel-save``): the writes spread over the
+    data-parallel ranks when there are several; else megatron-core's default strategy."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if group.size() <= 1:
+        return None
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
 _MANAGERS: list[Any] = []

@@ -148,6 +148,9 @@ def plan(argv: Sequence[str], world_size: int) -> tuple[RunPlan, list[str]]:
                 f"{VIRTUAL_STAGES} {user_virtual}: --pipeline-schedule {schedule} places one stage "
                 f"of the pipeline on each rank; leave it out"
             )
+        if user_virtual is None and needed is not None:
+            # the schedule's default (interleaved-1f1b: vp 2): Megatron-LM must build as many chunks
+            return run, [*argv, VIRTUAL_STAGES, str(needed)]
         return run, list(argv)
     if user_virtual is not None and user_virtual != needed:
         raise ArgumentsError(

@@ -26,6 +26,8 @@ CPU_FLAGS = (
     ("--transformer-impl", "local"),  # Transformer Engine's spec needs CUDA
     ("--no-persist-layer-norm", None),  # torch's LayerNorm has no persistent variant
     ("--no-gradient-accumulation-fusion", None),  # the fused wgrad kernel is CUDA-only
+    ("--no-rope-fusion", None),  # RoPE's fused kernel needs Transformer Engine
+    ("--no-masked-softmax-fusion", None),  # bf16/fp16 would call scaled_masked_softmax_cuda
 )
 SITE = os.path.join(os.path.dirname(__file__), "site")
 """Holds a ``sitecustomize`` that stubs triton in every interpreter (checkpoint writers spawn)."""
@@ -52,6 +54,7 @@ def apply(argv: list[str], *, megatron_schedule: bool) -> list[str]:
     torch.cuda.Stream = lambda *args, **kwargs: mcore_cpu._NullStream()  # type: ignore[assignment,misc]
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()  # type: ignore[assignment]
     _patch_megatron_lm(megatron_schedule)
+    _allow_sequence_parallel_torch_norm()
     return argv + [
         token
         for flag, value in CPU_FLAGS
@@ -73,6 +76,28 @@ def stub_triton_kernels() -> None:
     stub.enable_batch_invariant_mode = needs_triton  # type: ignore[attr-defined]
     stub.is_batch_invariant_mode_enabled = lambda: False  # type: ignore[attr-defined]
     sys.modules[TRITON_MODULE] = stub
+
+
+def _allow_sequence_parallel_torch_norm() -> None:
+    """torch_norm.py:32 refuses ``--sequence-parallel`` (the local spec's norm without apex):
+    the norm then comes from ``mcore.specs.SequenceParallelTorchNorm``, a torch norm whose
+    parameters carry megatron's ``sequence_parallel`` mark (their gradients are summed over
+    tensor parallel, as megatron does for its own norms), as in our trainer."""
+    from megatron.core.transformer import torch_norm
+
+    from megatron_bitpipe.mcore.specs import SequenceParallelTorchNorm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+    if getattr(original, "bitpipe_sequence_parallel", False):
+        return
+
+    def __new__(cls: type, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> Any:
+        if config.sequence_parallel:
+            return SequenceParallelTorchNorm(config, hidden_size, eps)
+        return original(cls, config, hidden_size, eps, **kwargs)
+
+    __new__.bitpipe_sequence_parallel = True  # type: ignore[attr-defined]
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)  # type: ignore[assignment]
 
 
 def _patch_megatron_lm(megatron_schedule: bool) -> None:

@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         raise SystemExit(2)
     script, rest = os.path.abspath(given[0]), given[1:]
+    # the checkout that holds the script provides megatron.training, as `python pretrain_gpt.py`
+    # finds it; first on the path before anything (the CPU set-up, the hooks) imports it
+    sys.path.insert(0, os.path.dirname(script))
     rest = enable(rest)
     sys.argv = [script, *rest]
-    sys.path.insert(0, os.path.dirname(script))
     runpy.run_path(script, run_name="__main__")
