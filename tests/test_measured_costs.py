@@ -55,6 +55,11 @@ def synthetic_profile(name, num_ranks=2, num_microbatches=4):
             waited = event.start - previous_end
             actions.append([str(event.action), previous_end / 1e3, event.end / 1e3, waited / 1e3, None])
             previous_end = event.end
+            stage, kind = event.action.stage, event.action.kind.value
+            neighbour = placement.next_stage(stage) if kind == "F" else placement.prev_stage(stage)
+            if kind in ("F", "B", "I") and neighbour is not None and placement.rank_of(neighbour) != rank:
+                send = f"{stage}SEND_{'F' if kind == 'F' else 'B'}{event.action.microbatch}"
+                actions.append([send, event.end / 1e3, event.end / 1e3, 0.0, None])
         chunks = [
             {
                 "stage": stage,
@@ -100,7 +105,9 @@ def test_fit_recovers_per_layer_per_action_embedding_and_head_costs():
 
 
 def test_fit_recovers_messages_optimizer_and_the_rest_of_the_step():
-    costs = measured_costs.fit([synthetic_profile("1f1b"), synthetic_profile("bitpipe")])
+    profiles = [synthetic_profile("1f1b"), synthetic_profile("bitpipe")]
+    assert any(measured_costs._observed_message_ms(profile) for profile in profiles), "waits observed"
+    costs = measured_costs.fit(profiles)
     assert costs.message_latency_ms == pytest.approx(LATENCY_MS)
     assert costs.message_ms_per_mb == pytest.approx(MS_PER_MB)
     assert costs.optimizer_ms_per_mparam == pytest.approx(OPTIMIZER_MS_PER_MPARAM)
@@ -109,6 +116,34 @@ def test_fit_recovers_messages_optimizer_and_the_rest_of_the_step():
     assert costs.action_overhead_ms == pytest.approx(0.0, abs=1e-9)
     assert costs.parameters_per_layer == LAYER_PARAMETERS
     assert (costs.hidden_size, costs.seq_length, costs.micro_batch_size, costs.num_attention_heads) == (64, 32, 2, 4)
+
+
+def test_one_schedule_alone_fits_no_negative_extras_and_predicts_its_own_step():
+    profile = synthetic_profile("1f1b")
+    costs = measured_costs.fit([profile])
+    for kind in ("F", "B"):
+        cost = costs.kind(kind)
+        assert min(cost.embedding_ms, cost.head_ms, cost.per_action_ms) >= 0
+    predicted = measured_costs.predict_step_ms(costs, "1f1b", 2, 4, measured_costs.parameters_per_rank(profile))
+    assert predicted == pytest.approx(measured_costs.measured_step_ms(profile), rel=1e-3)
+
+
+def test_two_pipeline_finalization_is_what_the_simulated_replica_syncs_leave():
+    from dataclasses import replace
+
+    from megatron_bitpipe.schedules.lower import lower
+    from megatron_bitpipe.schedules.simulate import simulate
+
+    costs = replace(measured_costs.fit([synthetic_profile("bitpipe")]), sync_ms_per_mb=50.0,
+                    replica_finalize_ms=100.0, finalize_ms=7.0)
+    schedule = registry.build("bitpipe", 2, 4)
+    stage_costs = measured_costs.simulator_costs(costs, schedule)
+    tail = simulate(lower(schedule), stage_costs).makespan - simulate(schedule, stage_costs).makespan
+    assert 0 < tail < 100
+    makespan = simulate(lower(schedule), stage_costs).makespan
+    assert measured_costs._finalize_ms(costs, schedule, stage_costs, makespan) == pytest.approx(100 - tail)
+    one_pipeline = registry.build("1f1b", 2, 4)
+    assert measured_costs._finalize_ms(costs, one_pipeline, stage_costs, 0.0) == 7.0
 
 
 def test_split_kinds_of_one_layer_count_take_their_share_of_the_backward():

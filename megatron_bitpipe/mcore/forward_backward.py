@@ -86,7 +86,7 @@ _STATE = _State()
 @contextlib.contextmanager
 def tracing(enabled: bool = True, *, cpu_time: bool = False) -> Iterator[None]:
     """Steps run inside time their actions with CUDA events (GPU time in the trace); on a CPU,
-    with ``cpu_time``, also with each action's thread CPU time."""
+    with ``cpu_time``, also with each action's process CPU time."""
     previous = _STATE.trace, _STATE.cpu_time
     _STATE.trace, _STATE.cpu_time = enabled, enabled and cpu_time
     try:

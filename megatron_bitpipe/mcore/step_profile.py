@@ -1,7 +1,7 @@
 """``--profile-step FILE.json``: what one training step cost on every rank, for the fitted simulator.
 
 Per rank, from every iteration but the first (warm-up) and, with ``--measure-memory``, the last
-(run with each action's wall, wait and thread CPU time), ``steps``, each with:
+(run with each action's wall, wait and process CPU time), ``steps``, each with:
 
 * ``actions``: ``[action, start s, end s, waited s, cpu s]`` from the step's start (all ranks
   share the origin of a barrier), every action of the lowered program (none for megatron-core's
@@ -16,6 +16,10 @@ and once:
   ``[[bytes, one-way s], ...]`` for messages of 1, 2 and 4 activation sizes;
 * ``sync``: ``[bytes, s]``, a blocking all-reduce of this rank's gradient bytes over its
   gradient group (replicas and data parallel), where that group has more than one rank.
+
+On a GPU the calibrations synchronize the device around each timing; the actions' spans are
+CUDA-event times, and their ``waited`` is host time, which NCCL's asynchronous receives keep near
+0, so a span there includes the message waits (no GPU run has checked this path).
 
 Rank 0 writes ``{"schedule", "num_ranks", "num_microbatches", "activation_bytes", "cpu_time",
 "ranks": [...]}`` (JSON); ``megatron_bitpipe.scale.measured_costs`` reads it.
@@ -65,9 +69,11 @@ def rank_record(
     sync: list[float],
 ) -> dict[str, Any]:
     """This rank's part of the file: its chunks, its measured steps and its calibrations."""
+    group = parallel_state.get_pipeline_model_parallel_group()
     return {
         "rank": dist.get_rank(),
         "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "pipeline_group": dist.get_global_rank(group, 0),
         "chunks": [_chunk_facts(chunk, stage) for chunk, stage in zip(chunks, stages, strict=True)],
         "steps": steps,
         "message": message,
@@ -83,6 +89,7 @@ def _chunk_facts(chunk: Any, stage: int) -> dict[str, Any]:
         "stage": stage,
         "layers": layers,
         "parameters": sum(param.numel() for param in model.parameters()),
+        "layer_parameters": sum(param.numel() for param in decoder.layers.parameters()) if layers else 0,
         "embedding": getattr(model, "pre_process", False),
         "head": getattr(model, "post_process", False),
     }
@@ -102,6 +109,7 @@ def calibrate_messages(activation_numel: int, dtype: torch.dtype) -> list[list[f
         tensor = torch.zeros(activation_numel * factor, dtype=dtype, device=compute_device())
         samples = []
         for _ in range(CALIBRATION_REPEATS + 1):
+            _synchronize()
             start = time.perf_counter()
             if rank % 2 == 0:
                 dist.send(tensor, peer, group=group)
@@ -109,6 +117,7 @@ def calibrate_messages(activation_numel: int, dtype: torch.dtype) -> list[list[f
             else:
                 dist.recv(tensor, peer, group=group)
                 dist.send(tensor, peer, group=group)
+            _synchronize()
             samples.append((time.perf_counter() - start) / 2)
         measured.append([tensor.numel() * tensor.element_size(), statistics.median(samples[1:])])
     return measured
@@ -124,10 +133,18 @@ def calibrate_sync(chunks: list[Any], group: dist.ProcessGroup) -> list[float]:
     samples = []
     for _ in range(4):
         dist.barrier(group=group)
+        _synchronize()
         start = time.perf_counter()
         dist.all_reduce(buffer, group=group)
+        _synchronize()
         samples.append(time.perf_counter() - start)
     return [numel * 4, statistics.median(samples[1:])]
+
+
+def _synchronize() -> None:
+    """On a GPU, wait for the device: NCCL calls return before their transfer ends."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def write(path: str, header: dict[str, Any], record: dict[str, Any]) -> None:

@@ -486,13 +486,10 @@ def _write_step_profile(session: _Session, steps: list[dict[str, Any]]) -> None:
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     config = session.model[0].config
     activation_numel = args.seq_length * args.micro_batch_size * args.hidden_size
+    if config.sequence_parallel:  # each tensor-parallel rank sends its share of the sequence
+        activation_numel //= parallel_state.get_tensor_model_parallel_world_size()
     dtype = config.pipeline_dtype or config.params_dtype
-    message = step_profile.calibrate_messages(
-        activation_numel // parallel_state.get_tensor_model_parallel_world_size()
-        if config.sequence_parallel
-        else activation_numel,
-        dtype,
-    )
+    message = step_profile.calibrate_messages(activation_numel, dtype)
     record = step_profile.rank_record(
         session.model,
         plan.placement.rank_stages[pp_rank],

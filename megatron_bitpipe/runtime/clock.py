@@ -67,27 +67,28 @@ class CudaEventClock:
         return self._origin_seconds + self._origin.elapsed_time(mark) / 1e3
 
 
-class ThreadTimeClock:
-    """Host time and this thread's CPU time (``time.thread_time``) at each mark: an action's CPU
-    time is what it costs on a core of its own, whatever else shares the machine's cores."""
+class CpuTimeClock:
+    """Host time and this process's CPU time (``time.process_time``: every thread of the rank,
+    its intra-op threads included) at each mark: an action's CPU time is what it costs on cores
+    of its own, whatever else shares the machine's cores."""
 
     def start(self) -> None:
         return None
 
     def mark(self) -> tuple[float, float]:
-        return time.perf_counter(), time.thread_time()
+        return time.perf_counter(), time.process_time()
 
     def seconds(self, mark: tuple[float, float]) -> float:
         return mark[0]
 
     def cpu_seconds(self, mark: tuple[float, float]) -> float:
-        """The thread's CPU time at the mark (seconds since an arbitrary origin)."""
+        """The process's CPU time at the mark (seconds since an arbitrary origin)."""
         return mark[1]
 
 
 def default_clock(*, trace: bool = False, cpu_time: bool = False) -> Clock:
-    """CUDA events for a traced step on a GPU; host (and, with ``cpu_time``, thread CPU) time
+    """CUDA events for a traced step on a GPU; host (and, with ``cpu_time``, process CPU) time
     otherwise (no device work)."""
     if trace and torch.cuda.is_available():
         return CudaEventClock()
-    return ThreadTimeClock() if cpu_time else WallClock()
+    return CpuTimeClock() if cpu_time else WallClock()

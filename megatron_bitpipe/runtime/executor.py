@@ -42,8 +42,8 @@ class TraceEvent(NamedTuple):
     """One action as run, in ``time.perf_counter`` seconds (GPU time with a CUDA clock).
 
     ``waited``: host seconds of the span spent waiting for a message from another rank (an
-    input activation or an output gradient); ``cpu``: the thread's CPU seconds over the span,
-    where the clock measures it (``ThreadTimeClock``), else None."""
+    input activation or an output gradient); ``cpu``: the process CPU seconds over the span,
+    where the clock measures it (``CpuTimeClock``), else None."""
 
     action: Action
     start: float

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,13 @@ class BenchError(RuntimeError):
     """A run that failed: its exit status and the end of its output."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a cgroup)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def run_order(schedules: Sequence[str], run: int) -> list[str]:
     """The schedules in the order run ``run`` (from 0) trains them: as given, then reversed, and
     so on, so that drift within a process (later schedules ran faster) hits them all alike."""
@@ -71,6 +79,7 @@ def run_repeated(processes: int, schedules: Sequence[str], arguments: Sequence[s
         extra: list[str] = []
         if profile_folder is not None:
             folder = os.path.join(profile_folder, f"run{run}")
+            shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier bench is read as this one's
             os.makedirs(folder, exist_ok=True)
             extra = ["--profile-step", os.path.join(folder, "{schedule}.json")]
         order = run_order(schedules, run)
@@ -93,9 +102,10 @@ def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[
                   *, timeout: float = 1800) -> dict[str, Measured]:
     """Run the trainer once for ``schedules``; raise BenchError when it fails."""
     command = trainer_command(processes, schedules, arguments)
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    cores = usable_cores()
+    threads = max(1, cores // processes)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    if processes <= (os.cpu_count() or 1):
+    if processes <= cores:
         environment["MEGATRON_BITPIPE_PIN_CORES"] = "1"  # each rank on its own cores (taskset)
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     log = result.stdout + result.stderr

@@ -6,8 +6,8 @@ Inputs are the runs' ``Measured`` figures and their ``--profile-step`` files
 (``FOLDER/run{k}/{schedule}.json``). Medians over runs throughout: a schedule's step is the
 median of its runs' median steps, a ratio the median of the per-run ratios, the simulator's
 error the median of per-run errors, each predicted from the costs of the schedule's own steps
-in that run. ``costs.json`` is one fit over every run and schedule (what ``simulate``, ``sweep``
-and ``recommend`` then use).
+in that run. ``costs.json`` is the median of one fit per run over its schedules (what
+``simulate``, ``sweep`` and ``recommend`` then use).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _run_predictions(
             continue
         costs = measured_costs.fit(own, basis)
         factors = measured_costs.rank_time_factors(own[0], costs, basis)
-        predicted = _predict(costs, name, mine, factors)
+        predicted = _predict(costs, name, mine, factors, options_from=own[0])
         if predicted:
             pairs.append((predicted, run[name].median_ms))
     return pairs
@@ -138,14 +138,18 @@ def _predict(
     name: str,
     profiles: list[dict[str, Any]],
     rank_time_factors: tuple[float, ...] = (),
+    options_from: dict[str, Any] | None = None,
 ) -> float | None:
+    """The simulated step of ``name`` (a megatron-core schedule: its registry twin's order, with
+    the twin's options from ``options_from``, our run of that order)."""
     if not profiles:
         return None
     profile = profiles[0]
     order = MEGATRON_ORDERS.get(name, name)
     if order not in registry.names():
         return None
-    options = {key: value for key, value in profile.get("options", {}).items()
+    source = options_from if options_from is not None and name in MEGATRON_ORDERS else profile
+    options = {key: value for key, value in source.get("options", {}).items()
                if key in registry.get(order).options}
     if order == "interleaved-1f1b" and "vp" not in options and profile.get("virtual_size"):
         options["vp"] = profile["virtual_size"]
@@ -177,7 +181,8 @@ def markdown(report: Report, note: str = "") -> str:
         for name, figures in report.breakdown.items():
             lines.append(f"| {name} | " + " | ".join(f"{figures[part]:.1f}" for part in parts) + " |")
     for theirs, ours, ratio in report.overhead:
-        lines += ["", f"executor overhead: {ours} / {theirs} step time = {ratio:.3f} (same order, median of runs)"]
+        lines += ["", f"executor overhead: {ours} / {theirs} step time = {ratio:.3f} (same order, median of "
+                  f"runs; ours timed every action of its profiled steps, which megatron-core's did not)"]
     if report.costs is not None:
         costs = report.costs
         kinds = ", ".join(

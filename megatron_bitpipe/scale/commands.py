@@ -249,7 +249,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "medians over runs (default 1)")
     parser.add_argument("--cost-basis", choices=measured_costs.BASES, default="wall",
                         help="what an action costs for the fitted simulator: its span less its wait for "
-                        "messages (wall), or its thread CPU time (cpu: right with more ranks than cores, "
+                        "messages (wall), or its process CPU time (cpu: right with more ranks than cores, "
                         "where the simulated step is the figure to read)")
     parser.add_argument("--cluster", help="also the cluster config's prediction (simulated_cluster_ms)")
 
@@ -265,7 +265,7 @@ def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokens = known.global_batch_size * known.seq_length
-    cores = os.cpu_count() or 1
+    cores = bench.usable_cores()
     print(f"bench: {', '.join(schedules)} on {args.nproc_per_node} processes ({cores} cores), "
           f"{args.repeat} run(s) of {known.train_iters} iterations each (timed: all but the warm-up "
           f"and the memory-measured last)", flush=True)
@@ -288,13 +288,14 @@ def run_bench(args: argparse.Namespace) -> int:
         measured_costs.save(report.costs, out / "costs.json")
     timelines = bench_report.write_timelines(profiles, args.repeat, schedules, out)
     print(text, end="")
-    written = ", ".join(str(path) for path in [out / "bench.csv", out / "bench.md", out / "costs.json", *timelines])
+    costs_file = [out / "costs.json"] if report.costs is not None else []
+    written = ", ".join(str(path) for path in [out / "bench.csv", out / "bench.md", *costs_file, *timelines])
     print(f"bench: wrote {written}")
     return 0
 
 
 def _bench_note(args: argparse.Namespace, cores: int) -> str:
-    basis = "thread CPU time" if args.cost_basis == "cpu" else "span less message waits"
+    basis = "process CPU time" if args.cost_basis == "cpu" else "span less message waits"
     note = (f"simulated_ms: the simulator fed with the costs measured in these runs ({basis}; "
             f"costs.json), plus the measured optimizer step and the rest of an iteration; "
             f"error_pct against the measured median.")

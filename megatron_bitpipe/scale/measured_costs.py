@@ -7,20 +7,21 @@ more of them (several schedules, several runs, every profiled iteration) into ``
   any chunk), plus the embedding's extra on a first stage and the output head and loss's extra
   on a last stage: a least-squares fit over the chunk shapes seen (median per shape first; a
   term no two shapes tell apart is held at 0), each action's cost being its span less the time
-  it waited for a message (``basis="wall"``) or its thread CPU time (``basis="cpu"``, right at
+  it waited for a message (``basis="wall"``) or its process CPU time (``basis="cpu"``, right at
   any number of ranks per core);
 * ``action_overhead_ms``: the executor's time per compute action outside the actions' compute
   (between actions, posting sends and receives, launching syncs);
 * messages: bandwidth from the calibration (one-way time against bytes, after training), and
   the latency that makes an activation-sized message take what messages took during the steps:
-  the mean, over messages a receiver was already waiting for, of the time from the send's
+  the median, over messages a receiver was already waiting for, of the time from the send's
   posting to the end of that wait (ranks of one machine share the clock), so that what the
   ranks' busy cores add to a message counts;
 * the gradient all-reduce's time per MB from its calibration (the simulator then places each
   replica sync after its stage's last backward); the optimizer step per parameter;
   ``finalize_ms``, the gradient finalization after the program of schedules without replicas
-  (the tied embedding's all-reduce between first and last stage, data parallel; of the
-  two-pipeline schedules where only they were measured);
+  (the tied embedding's all-reduce between first and last stage, data parallel), and
+  ``replica_finalize_ms``, that of two-pipeline schedules (which also waits for the replica
+  syncs still running);
   ``step_other_ms``, the rest of an iteration (zeroing, the loss all-reduce).
 
 ``predict_step_ms(costs, schedule, ...)`` simulates a schedule with them and adds the optimizer
@@ -80,6 +81,9 @@ class MeasuredCosts:
     num_layers: int
     parameters_per_layer: int
     sources: tuple[str, ...] = field(default=())
+    replica_finalize_ms: float | None = None
+    """The gradient finalization measured after the program of two-pipeline schedules (their
+    replica syncs' wait included); None where only one-pipeline schedules were measured."""
     hidden_size: int | None = None
     """The measured model's sizes (None: not recorded); a cluster config's ``measured_costs``
     applies only to a model with the same four (``scale/cost_model.py``)."""
@@ -118,6 +122,8 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         raise ValueError(f"basis {basis!r}: one of {', '.join(BASES)}")
     if not profiles:
         raise ValueError("fit needs at least one --profile-step file")
+    if not all(profile.get("ranks") for profile in profiles):
+        raise ValueError("a --profile-step file holds no ranks: its run ended before the profiled iteration")
     samples: dict[str, dict[tuple[int, bool, bool], list[float]]] = {kind: {} for kind in COMPUTE}
     overheads, latencies, per_mb, syncs, optimizer, other = [], [], [], [], [], []
     finalize: list[float] = []
@@ -177,7 +183,8 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         sync_ms_per_mb=_median(syncs),
         optimizer_ms_per_mparam=_median(optimizer),
         step_other_ms=_median(other),
-        finalize_ms=_median(finalize or replica_finalize),
+        finalize_ms=_median(finalize),
+        replica_finalize_ms=_median(replica_finalize) if replica_finalize else None,
         num_layers=int(profiles[0]["num_layers"]),
         parameters_per_layer=_parameters_per_layer(profiles),
         sources=tuple(sorted({profile["schedule"] for profile in profiles})),
@@ -229,32 +236,41 @@ _SENDS = {"SEND_F": ("F", 1), "SEND_B": ("B", -1)}
 
 def _observed_message_ms(profile: dict[str, Any]) -> list[float]:
     """Per message whose receiver was waiting for it: ms from the send's posting to the end of
-    the wait (the wait opens the consuming action; a backward may be an I)."""
+    the wait (the wait opens the consuming action; a backward may be an I), matched within one
+    pipeline (``pipeline_group``: its first global rank)."""
     latencies = []
     for index in range(max(len(record["steps"]) for record in profile["ranks"])):
-        posted: dict[tuple[str, int, int], float] = {}
-        consumers: list[tuple[str, int, int, float]] = []
+        posted: dict[tuple[int, str, int, int], float] = {}
+        consumers: list[tuple[int, str, int, int, float]] = []
         for record in profile["ranks"]:
             if index >= len(record["steps"]):
                 continue
+            group = record.get("pipeline_group", 0)
             for name, start, end, waited, _ in record["steps"][index]["actions"]:
                 action = Action.parse(name)
                 kind = action.kind.value
                 if kind in _SENDS:
                     consumer, offset = _SENDS[kind]
-                    posted[(consumer, action.stage + offset, action.microbatch)] = start
+                    posted[(group, consumer, action.stage + offset, action.microbatch)] = start
                 elif waited > 0 and kind in ("F", "B", "I"):
-                    consumers.append(("F" if kind == "F" else "B", action.stage, action.microbatch, start + waited))
-        for kind, stage, microbatch, arrived in consumers:
-            sent = posted.get((kind, stage, microbatch))
+                    kind = "F" if kind == "F" else "B"
+                    consumers.append((group, kind, action.stage, action.microbatch, start + waited))
+        for group, kind, stage, microbatch, arrived in consumers:
+            sent = posted.get((group, kind, stage, microbatch))
             if sent is not None and arrived > sent:
                 latencies.append((arrived - sent) * 1e3)
     return latencies
 
 
 def _parameters_per_layer(profiles: Sequence[dict[str, Any]]) -> int:
-    """Parameters of one transformer layer: from a chunk with neither embedding nor head, else
-    the difference between two chunks of different layer counts holding the same extras."""
+    """Parameters of one transformer layer: recorded per chunk, else from a chunk with neither
+    embedding nor head, else the difference between two chunks of different layer counts
+    holding the same extras."""
+    for profile in profiles:
+        for record in profile["ranks"]:
+            for chunk in record["chunks"]:
+                if chunk.get("layer_parameters") and chunk["layers"]:
+                    return chunk["layer_parameters"] // chunk["layers"]
     by_shape: dict[tuple[bool, bool], dict[int, int]] = {}
     for profile in profiles:
         for record in profile["ranks"]:
@@ -289,17 +305,30 @@ def _line(points: list[tuple[float, float]]) -> tuple[float | None, float]:
 
 def _fit_kind(by_shape: dict[tuple[int, bool, bool], list[float]]) -> KindCost:
     """Least squares of ms = layers * a + embedding * e + head * h + c over the shapes' medians;
-    a small ridge holds at 0 any of e, h and c that the measured shapes cannot tell apart."""
+    a small ridge holds at 0 any of e, h and c that the measured shapes cannot tell apart, and a
+    term that comes out negative is held at 0 and the rest fitted again."""
     rows = [((float(layers), float(embedding), float(head), 1.0), statistics.median(values))
             for (layers, embedding, head), values in by_shape.items()]
-    size = 4
-    normal = [[sum(row[i] * row[j] for row, _ in rows) for j in range(size)] for i in range(size)]
-    target = [sum(row[i] * value for row, value in rows) for i in range(size)]
+    free = [0, 1, 2, 3]
+    while True:
+        solution = _least_squares(rows, free)
+        negative = [index for index in free[1:] if solution[index] < 0]
+        if not negative:
+            return KindCost(solution[0], solution[1], solution[2], solution[3])
+        free.remove(min(negative, key=lambda index: solution[index]))
+
+
+def _least_squares(rows: list[tuple[tuple[float, ...], float]], free: list[int]) -> list[float]:
+    """The ridge-held least squares over the ``free`` columns (the others 0)."""
+    normal = [[sum(row[i] * row[j] for row, _ in rows) for j in free] for i in free]
+    target = [sum(row[i] * value for row, value in rows) for i in free]
     ridge = 1e-6 * max(normal[0][0], 1.0)
-    for index in (1, 2, 3):
-        normal[index][index] += ridge
-    per_layer, embedding, head, per_action = _solve(normal, target)
-    return KindCost(per_layer, embedding, head, per_action)
+    for position in range(1, len(free)):
+        normal[position][position] += ridge
+    solution = [0.0] * 4
+    for index, value in zip(free, _solve(normal, target), strict=True):
+        solution[index] = value
+    return solution
 
 
 def _solve(matrix: list[list[float]], target: list[float]) -> list[float]:
@@ -351,33 +380,42 @@ def predict_step_ms(
     rank_time_factors: tuple[float, ...] = (),
 ) -> float:
     """Simulated step of registry schedule ``name``: its makespan with ``costs`` (replica syncs
-    included; each rank's compute times ``rank_time_factors``, see ``rank_time_factors``), plus
-    gradient finalization, the optimizer step for ``parameters_per_rank`` and the step's other
-    work."""
+    included; each pipeline rank's compute times ``rank_time_factors``, see
+    ``rank_time_factors``), plus gradient finalization (``_finalize_ms``), the optimizer step for
+    ``parameters_per_rank`` and the step's other work."""
     schedule = registry.build(name, num_ranks, num_microbatches, **(options or {}))
     stage_costs = replace(simulator_costs(costs, schedule), rank_time_factors=rank_time_factors)
     makespan = simulate(lower(schedule), stage_costs).makespan
     optimizer = costs.optimizer_ms_per_mparam * parameters_per_rank / 1e6
-    return makespan + costs.finalize_ms + optimizer + costs.step_other_ms
+    return makespan + _finalize_ms(costs, schedule, stage_costs, makespan) + optimizer + costs.step_other_ms
+
+
+def _finalize_ms(costs: MeasuredCosts, schedule: Schedule, stage_costs: Costs, makespan: float) -> float:
+    """What finalization adds after the simulated step: the measured one, less (for two
+    pipelines) the replica syncs the simulation already ran past the last compute action."""
+    if schedule.placement.num_pipelines == 1 or costs.replica_finalize_ms is None:
+        return costs.finalize_ms
+    sync_tail = makespan - simulate(schedule, stage_costs).makespan
+    return max(costs.replica_finalize_ms - sync_tail, 0.0)
 
 
 def rank_time_factors(profile: dict[str, Any], costs: MeasuredCosts, basis: str = "wall") -> tuple[float, ...]:
-    """Per rank of ``profile``, the median over its compute actions of measured over fitted
-    time: how much slower (> 1) or faster its core ran than the fit's pooled costs. On a shared
-    machine two cores may differ by tens of percent for a while."""
-    factors = []
+    """Per pipeline rank of ``profile``, the median over its compute actions (on every tensor-
+    and data-parallel rank of it) of measured over fitted time: how much slower (> 1) or faster
+    its cores ran than the fit's pooled costs. On a shared machine two cores may differ by tens
+    of percent for a while."""
+    ratios: dict[int, list[float]] = {}
     for record in profile["ranks"]:
         shapes = _chunk_shapes(record)
-        ratios = []
+        mine = ratios.setdefault(record.get("pipeline_rank", record["rank"]), [])
         for step in record["steps"]:
             for action in step["actions"]:
                 parsed = Action.parse(action[0])
                 if parsed.kind.value in COMPUTE:
                     modelled = costs.kind(parsed.kind.value).chunk_ms(*shapes[parsed.stage])
                     if modelled > 0:
-                        ratios.append(_compute_ms(action, basis) / modelled)
-        factors.append(statistics.median(ratios) if ratios else 1.0)
-    return tuple(factors)
+                        mine.append(_compute_ms(action, basis) / modelled)
+    return tuple(statistics.median(ratios[rank]) if ratios[rank] else 1.0 for rank in sorted(ratios))
 
 
 def parameters_per_rank(profile: dict[str, Any]) -> float:
@@ -424,6 +462,8 @@ def breakdown(profile: dict[str, Any], basis: str = "wall") -> list[dict[str, fl
 def measured_step_ms(profile: dict[str, Any]) -> float:
     """The median over the profiled iterations of the slowest rank's step."""
     by_iteration: dict[int, float] = {}
+    if not any(record["steps"] for record in profile["ranks"]):
+        raise ValueError(f"{profile.get('schedule')}: the --profile-step file holds no measured step")
     for record in profile["ranks"]:
         for index, step in enumerate(record["steps"]):
             key = step.get("iteration", index)
@@ -451,6 +491,8 @@ def load(path: str | Path) -> MeasuredCosts:
 def merged(values: Iterable[MeasuredCosts]) -> MeasuredCosts:
     """Field-wise median of several fits (one per repeated run)."""
     fits = list(values)
+    if not fits:
+        raise ValueError("merged needs at least one fit")
     first = fits[0]
     kinds = {
         name: KindCost(*(statistics.median(getattr(fit.kind(name), part) for fit in fits)
@@ -463,8 +505,10 @@ def merged(values: Iterable[MeasuredCosts]) -> MeasuredCosts:
                      "optimizer_ms_per_mparam", "step_other_ms", "finalize_ms")
     }
     sources = tuple(sorted({source for fit in fits for source in fit.sources}))
+    replica = [fit.replica_finalize_ms for fit in fits if fit.replica_finalize_ms is not None]
     return MeasuredCosts(basis=first.basis, kinds=kinds, activation_bytes=first.activation_bytes,
                          num_layers=first.num_layers, parameters_per_layer=first.parameters_per_layer,
-                         sources=sources, **numbers, **{size: getattr(first, size) for size in MODEL_SIZES})
+                         sources=sources, replica_finalize_ms=statistics.median(replica) if replica else None,
+                         **numbers, **{size: getattr(first, size) for size in MODEL_SIZES})
 
 

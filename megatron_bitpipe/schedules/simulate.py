@@ -81,11 +81,18 @@ class Costs:
             Kind.I: self.backward / 2 if self.input_grad is None else self.input_grad,
             Kind.W: self.backward / 2 if self.weight_grad is None else self.weight_grad,
         }[action.kind]
-        extra = self.stage_extra.get(position) or self.stage_extra.get(position - stages_per_pipeline)
-        if extra:
-            forward_extra, backward_extra = extra
-            base += forward_extra if action.kind is Kind.F else (backward_extra if action.kind in (Kind.B, Kind.I) else 0.0)
+        for extra in (self.stage_extra.get(key) for key in self._extra_keys(position, stages_per_pipeline)):
+            if extra:
+                forward_extra, backward_extra = extra
+                base += forward_extra if action.kind is Kind.F else (backward_extra if action.kind in (Kind.B, Kind.I) else 0.0)
         return base
+
+    @staticmethod
+    def _extra_keys(position: int, stages_per_pipeline: int) -> tuple[int, ...]:
+        """``stage_extra`` keys that apply at ``position``: itself and its offset from the end
+        (both 0 and -1 on a pipeline of one stage)."""
+        from_end = position - stages_per_pipeline
+        return (position,) if from_end == position else (position, from_end)
 
     def message_time(self, source: int, target: int) -> float:
         """One activation (or gradient) message from rank ``source`` to rank ``target``."""
