@@ -15,7 +15,8 @@ more of them (several schedules, several runs, every profiled iteration) into ``
   the latency that makes an activation-sized message take what messages took during the steps:
   the median, over messages a receiver was already waiting for, of the time from the send's
   posting to the end of that wait (ranks of one machine share the clock), so that what the
-  ranks' busy cores add to a message counts;
+  ranks' busy cores add to a message counts (with ``basis="cpu"``, for more ranks than cores,
+  the calibration's latency: waits there time the OS scheduler);
 * the gradient all-reduce's time per MB from its calibration (the simulator then places each
   replica sync after its stage's last backward); the optimizer step per parameter;
   ``finalize_ms``, the gradient finalization after the program of schedules without replicas
@@ -156,7 +157,7 @@ def fit(profiles: Sequence[dict[str, Any]], basis: str = "wall") -> MeasuredCost
         _step_phases(profile, finalize if profile.get("num_pipelines", 1) == 1 else replica_finalize,
                      optimizer, other)
     observed = [latency for profile in profiles for latency in _observed_message_ms(profile)]
-    if observed:
+    if observed and basis == "wall":
         size_mb = profiles[0]["activation_bytes"] / 2**20
         slope = _median(per_mb)
         latencies = [max(0.0, statistics.median(observed) - size_mb * slope)]
