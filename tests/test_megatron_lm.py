@@ -294,6 +294,9 @@ LAYOUTS = {
         "--pipeline-model-parallel-size 4 --num-virtual-stages-per-pipeline-rank 2 "
         "--pipeline-schedule megatron-interleaved",
     ),
+    "interleaved-1f1b-pp4-its-default-vp": (
+        4, "--pipeline-model-parallel-size 4 --pipeline-schedule interleaved-1f1b"
+    ),
 }
 
 
@@ -313,19 +316,23 @@ def test_pretrain_gpt_prints_the_losses_and_grad_norms_of_one_process(reference,
     [
         ("4 bitpipe", "2 megatron-1f1b"),
         ("2 megatron-1f1b", "4 bitpipe"),
+        ("2 bitpipe 4", "2 v-half 4"),
     ],
-    ids=["bitpipe-pp4-to-megatron-1f1b-pp2", "megatron-1f1b-pp2-to-bitpipe-pp4"],
+    ids=["bitpipe-pp4-to-megatron-1f1b-pp2", "megatron-1f1b-pp2-to-bitpipe-pp4",
+         "bitpipe-dp2-pp2-to-v-half-dp2-pp2"],
 )
 def test_checkpoints_move_between_bitpipe_and_megatrons_own_1f1b(reference, tmp_path, first, second):
+    """"PP SCHEDULE [WORLD]"; at data parallel 2 Megatron-LM saves fully parallel (its default)."""
     folder = str(tmp_path / "checkpoints")
-    (pp_before, before), (pp_after, after) = first.split(), second.split()
+    pp_before, before, *world_before = first.split()
+    pp_after, after, *world_after = second.split()
     saved = pretrain_gpt(
-        int(pp_before), "--pipeline-model-parallel-size", pp_before, "--pipeline-schedule", before,
-        "--save", folder, "--save-interval", "2", "--exit-interval", "2",
+        int((world_before or [pp_before])[0]), "--pipeline-model-parallel-size", pp_before,
+        "--pipeline-schedule", before, "--save", folder, "--save-interval", "2", "--exit-interval", "2",
     )
     resumed = pretrain_gpt(
-        int(pp_after), "--pipeline-model-parallel-size", pp_after, "--pipeline-schedule", after,
-        "--load", folder,
+        int((world_after or [pp_after])[0]), "--pipeline-model-parallel-size", pp_after,
+        "--pipeline-schedule", after, "--load", folder,
     )
     assert "loading distributed checkpoint from" in resumed
     assert true_losses(saved) + true_losses(resumed) == pytest.approx(
