@@ -443,3 +443,20 @@ def test_on_a_cpu_the_local_specs_torch_norm_takes_sequence_parallel():
 def test_cpu_runs_turn_off_the_cuda_only_fusions_unless_the_user_chose():
     flags = dict(cpu.CPU_FLAGS)
     assert "--no-rope-fusion" in flags and "--no-masked-softmax-fusion" in flags
+
+
+LLAMA = ("--position-embedding-type rope --normalization RMSNorm --swiglu "
+         "--untie-embeddings-and-output-weights --disable-bias-linear").split()
+
+
+@needs_checkout
+def test_llama_style_flags_with_sequence_parallel_train_like_one_process():
+    """RoPE, RMSNorm, SwiGLU, untied embeddings, no biases, TP=2 with sequence parallel: on a CPU
+    the launcher turns off the fusions that need a GPU and lets the local spec's torch norm take
+    sequence parallel, with nothing added to the command line."""
+    one = pretrain_gpt(1, *LLAMA, "--pipeline-schedule", "1f1b")
+    split = pretrain_gpt(4, *LLAMA, "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                         "--sequence-parallel", "--pipeline-schedule", "bitpipe")
+    assert len(logged_losses(one)) == 4
+    assert logged_losses(split) == pytest.approx(logged_losses(one), rel=1e-5)
+    assert logged_grad_norms(split) == pytest.approx(logged_grad_norms(one), rel=1e-3)
