@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden-dropout",
         type=float,
         default=0.0,
-        help="0 by default: the oracle needs determinism",
+        help="0 by default; masks follow (seed, iteration, layer, microbatch), so any pipeline "
+        "layout draws the single process's",
     )
     add("--attention-dropout", type=float, default=0.0)
     add("--seed", type=int, default=1234)

@@ -460,3 +460,17 @@ def test_llama_style_flags_with_sequence_parallel_train_like_one_process():
     assert len(logged_losses(one)) == 4
     assert logged_losses(split) == pytest.approx(logged_losses(one), rel=1e-5)
     assert logged_grad_norms(split) == pytest.approx(logged_grad_norms(one), rel=1e-3)
+
+
+@needs_checkout
+def test_megatron_lms_default_dropout_trains_like_one_process():
+    """Dropout masks follow (seed, step, layer, microbatch) (``mcore.dropout``), so with
+    Megatron-LM's default dropout of 0.1 a pipeline prints the single process's losses."""
+    dropout_off = " --hidden-dropout 0 --attention-dropout 0"
+    defaults = " ".join(TINY).replace(dropout_off, "").split()
+    target = ["-m", "megatron_bitpipe.megatron_lm", f"{CHECKOUT}/pretrain_gpt.py", *defaults]
+    one = succeeded(run(1, [*target, "--pipeline-schedule", "1f1b"], timeout=600, torchrun=True))
+    two = succeeded(run(2, [*target, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "bitpipe"],
+                        timeout=600))
+    assert len(logged_losses(one)) == 4
+    assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-5)

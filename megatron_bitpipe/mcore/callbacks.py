@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import schedules
 
-from megatron_bitpipe.mcore import compat
+from megatron_bitpipe.mcore import compat, dropout
 from megatron_bitpipe.mcore.weight_grad_store import STORE
 from megatron_bitpipe.mcore.cpu import compute_device
 from megatron_bitpipe.mcore.model import unwrap
@@ -94,7 +94,20 @@ class MegatronCallbacks:
         is_first = schedules.check_first_val_step(
             self.first_val_step, self.forward_only, self.first_microbatch.get(stage) == microbatch
         )
-        output_tensor, num_tokens = schedules.forward_step(
+        with dropout.running(microbatch):
+            output_tensor, num_tokens = self._forward_step(stage, microbatch, chunk, input_tensor, store, is_first)
+        self.outputs.extend((microbatch, item) for item in store)
+        # as megatron's schedules do: a CPU scalar adds without a copy, a device one stays there
+        self.total_num_tokens += num_tokens
+        if self.placement.is_last(stage) and self.loss_scale != 1.0 and not self.forward_only:
+            output_tensor = output_tensor * self.loss_scale
+        return output_tensor
+
+    def _forward_step(
+        self, stage: int, microbatch: int, chunk: int, input_tensor: torch.Tensor | None, store: list[Any],
+        is_first: bool,
+    ) -> tuple[torch.Tensor, Any]:
+        return schedules.forward_step(
             self.forward_step_func,
             self.feed.iterator(chunk, microbatch),
             self.model[chunk],
@@ -109,12 +122,6 @@ class MegatronCallbacks:
             vp_stage=getattr(unwrap(self.model[chunk]), "vp_stage", None),
             is_last_stage=self.placement.is_last(stage),
         )
-        self.outputs.extend((microbatch, item) for item in store)
-        # as megatron's schedules do: a CPU scalar adds without a copy, a device one stays there
-        self.total_num_tokens += num_tokens
-        if self.placement.is_last(stage) and self.loss_scale != 1.0 and not self.forward_only:
-            output_tensor = output_tensor * self.loss_scale
-        return output_tensor
 
     def backward(
         self,
@@ -135,7 +142,8 @@ class MegatronCallbacks:
             schedules.deallocate_output_tensor(
                 output_tensor, self.config.deallocate_pipeline_outputs
             )
-        return compat.backward_step(chunk, input_tensor, output_tensor, output_grad, self.config)
+        with dropout.running(microbatch):  # a recomputed forward draws the masks it drew
+            return compat.backward_step(chunk, input_tensor, output_tensor, output_grad, self.config)
 
     def release_output(self, stage: int, microbatch: int, output_tensor: torch.Tensor) -> None:
         """Right after the output's isend, as megatron does: its data goes, its graph stays.

@@ -32,7 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_model_config
 
-from megatron_bitpipe.mcore import communication, weight_grad_store
+from megatron_bitpipe.mcore import communication, dropout, weight_grad_store
 from megatron_bitpipe.mcore.callbacks import MegatronCallbacks, MicrobatchFeed
 from megatron_bitpipe.mcore.cpu import compute_device
 from megatron_bitpipe.mcore.features import check_supported
@@ -134,6 +134,8 @@ def forward_backward_func(
     be None.
     """
     choice, pg_collection, force_all_reduce = _extra_arguments(rest)
+    if not forward_only:
+        dropout.next_step()
     chunks = model if isinstance(model, list) else [model]
     config = get_model_config(chunks[0])
     pp_group = parallel_state.get_pipeline_model_parallel_group()

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megatron_bitpipe.mcore import checkpointing, specs
+from megatron_bitpipe.mcore import checkpointing, dropout, specs
 from megatron_bitpipe.mcore.specs import LayerSpec
 from megatron_bitpipe.schedules.placement import Placement
 
@@ -183,6 +183,8 @@ def build_chunks(
         initialize_parameters(model, config, seed=seed, tied=share_embeddings_and_output_weights)
         checkpointing.follow_placement(model, placement, tied_locally=local_tie)
         chunks.append(model)
+    if config.hidden_dropout > 0 or config.attention_dropout > 0:
+        dropout.install(chunks, seed)
     for embedding, head in tied_embedding_pairs(chunks):
         # Own DDP buckets, so a distributed optimizer shards both copies the same way; the head
         # is a duplicate for the grad norm (megatron marks its own tied copy the same way).

@@ -31,6 +31,7 @@ from megatron_bitpipe.mcore import (
     compat,
     cpu,
     diagnostics,
+    dropout,
     forward_backward,
     guards,
     step_profile,
@@ -261,6 +262,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
     first_gradients: dict[str, torch.Tensor] = {}
     profiled_steps: list[dict[str, Any]] = []
     for iteration in range(start + 1, args.train_iters + 1):
+        dropout.set_step(iteration - 1)  # resumed or not, iteration k draws the same masks
         traced = args.trace and plan.uses_registry and iteration == args.train_iters
         profiled = args.profile_step and 2 <= iteration <= _profiled_iteration(args)
         trace_origin = _trace_origin() if traced or profiled else None
