@@ -110,6 +110,8 @@ def test_fit_recovers_messages_optimizer_and_the_rest_of_the_step():
     costs = measured_costs.fit(profiles)
     assert costs.message_latency_ms == pytest.approx(LATENCY_MS)
     assert costs.message_ms_per_mb == pytest.approx(MS_PER_MB)
+    activation_ms = LATENCY_MS + ACTIVATION_BYTES / 2**20 * MS_PER_MB
+    assert costs.observed_message_ms == pytest.approx(activation_ms), "a waited-for message took its transfer"
     assert costs.optimizer_ms_per_mparam == pytest.approx(OPTIMIZER_MS_PER_MPARAM)
     assert costs.step_other_ms == pytest.approx(OTHER_MS, abs=1e-6)
     assert costs.finalize_ms == pytest.approx(FINALIZE_MS)

@@ -192,9 +192,16 @@ def markdown(report: Report, note: str = "") -> str:
         )
         lines += ["", f"fitted costs ({costs.basis} time, ms, written to costs.json): {kinds}; executor "
                   f"{costs.action_overhead_ms:.2f}/action; message {costs.message_latency_ms:.3f} + "
-                  f"{costs.message_ms_per_mb:.3f}/MB; gradient all-reduce {costs.sync_ms_per_mb:.2f}/MB; "
+                  f"{costs.message_ms_per_mb:.3f}/MB (in the steps: {_observed(costs)}); gradient all-reduce "
+                  f"{costs.sync_ms_per_mb:.2f}/MB; "
                   f"optimizer {costs.optimizer_ms_per_mparam:.2f}/M parameters; other {costs.step_other_ms:.1f} per step"]
     return "\n".join(lines) + "\n"
+
+
+def _observed(costs: measured_costs.MeasuredCosts) -> str:
+    if costs.observed_message_ms is None:
+        return "no message waited for"
+    return f"{costs.observed_message_ms:.3f} per activation, median"
 
 
 def write_timelines(profile_folder: str | Path, runs: int, schedules: Sequence[str], out: str | Path) -> list[str]:
