@@ -21,6 +21,7 @@ from typing import NoReturn
 from megatron_bitpipe.outputs import OutputError, prepare_output
 from megatron_bitpipe.run_plan import ArgumentsError, RunPlan, validate_args
 from megatron_bitpipe.scale import rank_order
+from megatron_bitpipe.scale.bench import PIN_VARIABLE
 
 __all__ = ["ArgumentsError", "RunPlan", "build_parser", "main", "validate_args"]
 
@@ -118,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--profile-step",
         default=None,
-        help="measured costs of one step (FILE.json; the last iteration, or the one before when "
-        "--measure-memory takes the last): every action's wall, wait and CPU time per rank, "
-        "the gradient-sync wait, the optimizer step, message and all-reduce calibrations; "
+        help="measured costs of the steps (FILE.json; every iteration from the second to the last, "
+        "or to the one before when --measure-memory takes the last): every action's wall, wait and "
+        "CPU time per rank, the gradient-sync wait, the optimizer step, message and all-reduce "
+        "calibrations; "
         "{schedule} is replaced by the schedule name (megatron-bitpipe bench reads it)",
     )
     add(
@@ -198,13 +200,8 @@ def prepare_outputs(args: argparse.Namespace, plans: Sequence[RunPlan]) -> None:
             prepare_output(plan.output_path(args.save), "--save", folder=True)
 
 
-PIN_VARIABLE = "MEGATRON_BITPIPE_PIN_CORES"
-"""Set to 1 (``megatron-bitpipe bench`` does, where ranks fit the cores): each local rank runs
-on its own share of this process's cores, as ``taskset`` would pin it."""
-
-
 def _pin_to_cores() -> None:
-    """Under ``MEGATRON_BITPIPE_PIN_CORES=1``, local rank r keeps cores [r*k, (r+1)*k) of the
+    """Under ``PIN_VARIABLE=1`` (``scale.bench``), local rank r keeps cores [r*k, (r+1)*k) of the
     ones it may use (k = cores / local ranks); nothing when the ranks outnumber the cores."""
     if os.environ.get(PIN_VARIABLE) != "1" or not hasattr(os, "sched_setaffinity"):
         return

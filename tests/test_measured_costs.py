@@ -142,10 +142,9 @@ def test_two_pipeline_finalization_is_what_the_simulated_replica_syncs_leave():
     stage_costs = measured_costs.simulator_costs(costs, schedule)
     tail = simulate(lower(schedule), stage_costs).makespan - simulate(schedule, stage_costs).makespan
     assert 0 < tail < 100
-    makespan = simulate(lower(schedule), stage_costs).makespan
-    assert measured_costs._finalize_ms(costs, schedule, stage_costs, makespan) == pytest.approx(100 - tail)
-    one_pipeline = registry.build("1f1b", 2, 4)
-    assert measured_costs._finalize_ms(costs, one_pipeline, stage_costs, 0.0) == 7.0
+    result = simulate(lower(schedule), stage_costs)
+    assert measured_costs.finalize_ms(costs, 2, result) == pytest.approx(100 - tail)
+    assert measured_costs.finalize_ms(costs, 1, result) == 7.0
 
 
 def test_split_kinds_of_one_layer_count_take_their_share_of_the_backward():

@@ -247,9 +247,7 @@ class Executor:
                 )
             return handed
         action = Action(stage, Kind.RECV_F, microbatch)
-        waiting = time.perf_counter()
-        received = self._require_p2p(action).wait_recv(action)
-        self._waited += time.perf_counter() - waiting
+        received = self._wait_recv(self._require_p2p(action), action)
         if not self._forward_only and received.is_floating_point():
             received.requires_grad_()
         return received
@@ -268,12 +266,17 @@ class Executor:
             return handed
         action = Action(stage, Kind.RECV_B, microbatch)
         p2p = self._require_p2p(action)
-        waiting = time.perf_counter()
-        output_grad = p2p.wait_recv(action)
-        self._waited += time.perf_counter() - waiting
+        output_grad = self._wait_recv(p2p, action)
         # the gradient came back, so our activation has arrived: its send can be completed now
         p2p.complete_send(Action(stage, Kind.SEND_F, microbatch))
         return output_grad
+
+    def _wait_recv(self, p2p: P2P, action: Action) -> torch.Tensor:
+        """``p2p.wait_recv``, its host time added to the running action's ``waited``."""
+        waiting = time.perf_counter()
+        received = p2p.wait_recv(action)
+        self._waited += time.perf_counter() - waiting
+        return received
 
     def _hand_back(self, action: Action, input_grad: torch.Tensor | None) -> None:
         stage, microbatch = action.stage, self._microbatch(action)

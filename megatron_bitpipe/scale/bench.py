@@ -56,6 +56,11 @@ class BenchError(RuntimeError):
     """A run that failed: its exit status and the end of its output."""
 
 
+PIN_VARIABLE = "MEGATRON_BITPIPE_PIN_CORES"
+"""Set to 1 (``run_schedules`` does, where the ranks fit the cores): the trainer pins each local
+rank to its own share of the cores, as ``taskset`` would."""
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, e.g. under taskset or a cgroup)."""
     if hasattr(os, "sched_getaffinity"):
@@ -106,7 +111,7 @@ def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[
     threads = max(1, cores // processes)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     if processes <= cores:
-        environment["MEGATRON_BITPIPE_PIN_CORES"] = "1"  # each rank on its own cores (taskset)
+        environment[PIN_VARIABLE] = "1"
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     log = result.stdout + result.stderr
     if result.returncode != 0:

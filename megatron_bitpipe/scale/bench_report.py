@@ -55,7 +55,7 @@ def build(
     """The bench's figures for ``schedules`` measured in ``runs``."""
     profiles = {name: profiles_of(profile_folder, len(runs), name) if profile_folder else [] for name in schedules}
     traced = [profile for name in schedules for profile in profiles[name] if _has_actions(profile)]
-    costs = _fit(traced, len(runs), basis) if traced else None
+    costs = _fit(traced, basis) if traced else None
     references = [name for name in REFERENCES if name in schedules]
     header = ["schedule", "step_ms_median", "step_ms_min", "step_ms_max", "tokens_per_s", "simulated_ms",
               "error_pct", "peak_activation_bytes", *(f"vs_{name}" for name in references), "runs"]
@@ -124,7 +124,7 @@ def _has_actions(profile: dict[str, Any]) -> bool:
     return any(step["actions"] for record in profile["ranks"] for step in record["steps"])
 
 
-def _fit(profiles: list[dict[str, Any]], runs: int, basis: str) -> measured_costs.MeasuredCosts:
+def _fit(profiles: list[dict[str, Any]], basis: str) -> measured_costs.MeasuredCosts:
     """One fit per run (its schedules together), merged by median."""
     by_run: dict[int, list[dict[str, Any]]] = {}
     for profile in profiles:

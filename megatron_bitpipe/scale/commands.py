@@ -272,24 +272,24 @@ def run_bench(args: argparse.Namespace) -> int:
     profiles = out / "profiles"
     runs = bench.run_repeated(args.nproc_per_node, schedules, trainer_args, tokens, args.repeat, str(profiles))
     report = bench_report.build(schedules, runs, profiles, args.cost_basis)
-    header, rows = list(report.header), report.rows
     if args.cluster:
         simulated = _simulated(args, known, schedules)
+        header = list(report.header)
         header.insert(header.index("error_pct") + 1, "simulated_cluster_ms")
-        for row in rows:
+        for row in report.rows:
             predicted = simulated.get(row["schedule"])
             row["simulated_cluster_ms"] = f"{predicted:.1f}" if predicted else ""
-    report = bench_report.Report(header, rows, report.costs, report.breakdown, report.overhead)
-    note = _bench_note(args, cores)
-    sweep.write_csv(out / "bench.csv", rows, header)
-    text = bench_report.markdown(report, note)
+        report = replace(report, header=header)
+    sweep.write_csv(out / "bench.csv", report.rows, report.header)
+    text = bench_report.markdown(report, _bench_note(args, cores))
     (out / "bench.md").write_text(text)
+    written = [out / "bench.csv", out / "bench.md"]
     if report.costs is not None:
         measured_costs.save(report.costs, out / "costs.json")
-    timelines = bench_report.write_timelines(profiles, args.repeat, schedules, out)
+        written.append(out / "costs.json")
+    written += bench_report.write_timelines(profiles, args.repeat, schedules, out)
     print(text, end="")
-    costs_file = [out / "costs.json"] if report.costs is not None else []
-    written = ", ".join(str(path) for path in [out / "bench.csv", out / "bench.md", *costs_file, *timelines])
+    written = ", ".join(str(path) for path in written)
     print(f"bench: wrote {written}")
     return 0
 

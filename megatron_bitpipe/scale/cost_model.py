@@ -163,7 +163,7 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbat
     else:
         data_parallel = _measured_data_parallel_ms(fit, cluster, layout, parameters, chunks)
         optimizer = fit.optimizer_ms_per_mparam * parameters / 1e6
-        other = fit.finalize_ms + fit.step_other_ms
+        other = fitted.finalize_ms(fit, schedule.placement.num_pipelines, result) + fit.step_other_ms
     state = int(parameters * _bytes_per_parameter(model, layout.data_parallel))
     activations = max(result.peak_activation_bytes or (0,)) // layout.tensor_parallel
     logits = _tokens(model) * model.vocab_size * 4 // layout.tensor_parallel

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 from megatron_bitpipe.schedules import registry
 from megatron_bitpipe.schedules.lower import lower
 from megatron_bitpipe.schedules.ir import Action, Schedule
-from megatron_bitpipe.schedules.simulate import Costs, simulate
+from megatron_bitpipe.schedules.simulate import Costs, SimResult, simulate
 
 COMPUTE = ("F", "B", "I", "W")
 MODEL_SIZES = ("hidden_size", "seq_length", "micro_batch_size", "num_attention_heads")
@@ -382,21 +382,22 @@ def predict_step_ms(
 ) -> float:
     """Simulated step of registry schedule ``name``: its makespan with ``costs`` (replica syncs
     included; each pipeline rank's compute times ``rank_time_factors``, see
-    ``rank_time_factors``), plus gradient finalization (``_finalize_ms``), the optimizer step for
+    ``rank_time_factors``), plus gradient finalization (``finalize_ms``), the optimizer step for
     ``parameters_per_rank`` and the step's other work."""
     schedule = registry.build(name, num_ranks, num_microbatches, **(options or {}))
     stage_costs = replace(simulator_costs(costs, schedule), rank_time_factors=rank_time_factors)
-    makespan = simulate(lower(schedule), stage_costs).makespan
+    result = simulate(lower(schedule), stage_costs)
     optimizer = costs.optimizer_ms_per_mparam * parameters_per_rank / 1e6
-    return makespan + _finalize_ms(costs, schedule, stage_costs, makespan) + optimizer + costs.step_other_ms
+    finalize = finalize_ms(costs, schedule.placement.num_pipelines, result)
+    return result.makespan + finalize + optimizer + costs.step_other_ms
 
 
-def _finalize_ms(costs: MeasuredCosts, schedule: Schedule, stage_costs: Costs, makespan: float) -> float:
-    """What finalization adds after the simulated step: the measured one, less (for two
-    pipelines) the replica syncs the simulation already ran past the last compute action."""
-    if schedule.placement.num_pipelines == 1 or costs.replica_finalize_ms is None:
+def finalize_ms(costs: MeasuredCosts, num_pipelines: int, result: SimResult) -> float:
+    """What finalization adds after ``result`` (the simulated lowered step): the measured one,
+    less (for two pipelines) the replica syncs the simulation ran past the last compute action."""
+    if num_pipelines == 1 or costs.replica_finalize_ms is None:
         return costs.finalize_ms
-    sync_tail = makespan - simulate(schedule, stage_costs).makespan
+    sync_tail = result.makespan - max((event.end for event in result.events), default=0.0)
     return max(costs.replica_finalize_ms - sync_tail, 0.0)
 
 

@@ -36,11 +36,11 @@ def fill(
     n = num_microbatches
     facts = placement.num_stages * n
     # done[fact]: 1 once the fact's action has ended; forward facts at stage * n + microbatch,
-    # input-gradient facts at facts + stage * n + microbatch, and an always-done fact at 2 * facts
+    # input-gradient facts at facts + stage * n + microbatch, and an always-done fact at ``none``
     # for an action without an input. Ends of one step are committed after every rank has moved.
-    done = bytearray(2 * facts + 1)
-    done[2 * facts] = 1
     none = 2 * facts
+    done = bytearray(none + 1)
+    done[none] = 1
     stages = range(placement.num_stages)
     # the fact index base of each stage's input: its previous stage's forwards, its next stage's
     # input gradients (none: the always-done fact, for every microbatch)
