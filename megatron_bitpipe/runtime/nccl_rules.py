@@ -3,7 +3,12 @@
 Gloo connects a group inside ``new_group`` and buffers sends, so the CPU tests cannot see the
 ways NCCL hangs. This module records, for every rank, the calls the real ``Executor`` and ``P2P``
 make (``record_step``: the executor runs the rank's lowered program with a P2P whose transport
-writes the calls down), then replays all ranks together (``replay``):
+writes the calls down), then replays all ranks together (``replay``). It is no client of
+``schedules.dataflow``: that engine runs actions that wait for facts earlier actions made, while
+here an operation completes only together with its peers' (matching, lazy creation) and only
+after everything ahead of it in a shared FIFO queue.
+
+The rules replayed:
 
 1. **Lazy, blocking creation.** A communicator is created at its first call; that call blocks
    the rank's host until every member has made its own first call on it.

@@ -94,10 +94,15 @@ def W(stage: int, microbatch: int) -> Action:  # noqa: N802
 
 
 # --- the dependency rule set ------------------------------------------------------------------
-# A compute action produces one or two "facts" and requires others. Keys are
-# ("activation" | "input_grad" | "weight_grad", stage, microbatch).
+# A compute action produces one or two "facts" and requires others, all of its own microbatch.
+# Keys are (one of FACT_KINDS, stage, microbatch). In a lowered program a fact made on another
+# rank exists here once the SEND that delivers it has run. ``schedules.dataflow`` runs this rule
+# set for the validator and the simulator: a new action kind's dependencies go here only.
 
 Fact = tuple[str, int, int]
+
+FACT_KINDS = ("activation", "input_grad", "weight_grad")
+"""What a fact says exists; ``schedules.dataflow`` numbers facts in this order."""
 
 
 def produces(action: Action) -> tuple[Fact, ...]:
@@ -125,6 +130,18 @@ def requires(action: Action, placement: Placement) -> tuple[Fact, ...]:
         own = ("activation", stage, microbatch)
         return (own,) if following is None else (own, ("input_grad", following, microbatch))
     return (("input_grad", stage, microbatch),)
+
+
+def delivers(action: Action) -> Fact | None:
+    """The fact a SEND hands to its peer's rank (its producer's output); None for other kinds."""
+    what = _DELIVERED.get(action.kind)
+    if what is None:
+        return None
+    assert action.microbatch is not None
+    return (what, action.stage, action.microbatch)
+
+
+_DELIVERED = {Kind.SEND_F: "activation", Kind.SEND_B: "input_grad"}
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ compute; the step ends when the last compute and the last sync end.
 from __future__ import annotations
 
 import math
-from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from megatron_bitpipe.schedules.dataflow import compile_rules, run
 from megatron_bitpipe.schedules.errors import ScheduleError
-from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
+from megatron_bitpipe.schedules.ir import COMPUTE_KINDS, Action, Kind, Schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,77 +198,63 @@ def timeline(schedule: Schedule, costs: Costs) -> list[Event]:
     """Time every compute action (each rank's in program order); raise ScheduleError if the
     programs cannot all finish.
 
-    Facts are integers ``(stage * N + microbatch) * 3 + {0: activation, 1: input grad,
-    2: weight grad}``; ``ready_at[fact]`` is when the fact exists on its producer's rank.
+    ``dataflow.run`` gives the order actions become ready; each then starts when its rank is free
+    and every fact it needs has arrived: ``ready_at[fact]`` is when the fact exists on its
+    producer's rank, plus a message's time when that is another rank.
     """
-    placement = schedule.placement
     programs = schedule.compute_programs()
-    num_microbatches = schedule.num_microbatches
-    num_stages = placement.num_stages
-    per_pipeline = placement.stages_per_pipeline
-    stage_rank = placement.stage_ranks
-    first = [placement.is_first(stage) for stage in range(num_stages)]
-    last = [placement.is_last(stage) for stage in range(num_stages)]
-    factors = costs.rank_time_factors or (1.0,) * placement.num_ranks
-    durations = {
-        (kind, stage): costs.duration(Action(stage, kind, 0), placement.position(stage), per_pipeline)
-        * factors[stage_rank[stage]]
-        for kind in (Kind.F, Kind.B, Kind.I, Kind.W)
-        for stage in range(num_stages)
-    }
-    num_ranks = len(programs)
-    message_time = [[costs.message_time(source, target) for target in range(num_ranks)] for source in range(num_ranks)]
-    ready_at = [-1.0] * (num_stages * num_microbatches * 3)
-    waiting: dict[int, list[int]] = defaultdict(list)
-    cursor = [0] * len(programs)
+    durations = _durations(schedule, costs)
+    arrival_delay = _arrival_delays(len(programs), costs)
+    rules = compile_rules(schedule, messages=False)
+    outcome = run(programs, rules)
+    if outcome.blocked:
+        where = ", ".join(f"rank {rank} at {programs[rank][position]}" for rank, position, _ in outcome.blocked)
+        raise ScheduleError(f"{schedule.name}: simulation cannot progress (deadlock): {where}")
+    table, per_microbatch = rules.table, rules.facts_per_microbatch
+    ready_at = [0.0] * rules.num_facts
     free_at = [0.0] * len(programs)
     events: list[Event] = []
-    queue = deque(range(len(programs)))
-    stride = 3 * num_microbatches
-    while queue:
-        rank = queue.popleft()
+    for rank, first_position, end_position in outcome.runs:
         program = programs[rank]
-        position = cursor[rank]
-        while position < len(program):
+        delay = arrival_delay[rank]
+        clock = free_at[rank]
+        for position in range(first_position, end_position):
             action = program[position]
             stage, kind, microbatch = action
-            base = (stage * num_microbatches + microbatch) * 3
-            if kind is Kind.F:
-                needed = () if first[stage] else ((base - stride, stage - 1),)
-            elif kind is Kind.W:
-                needed = ((base + 1, stage),)
-            else:
-                needed = ((base, stage),) if last[stage] else ((base, stage), (base + stride + 1, stage + 1))
-            start = free_at[rank]
-            blocked = None
-            for fact, producer in needed:
-                at = ready_at[fact]
-                if at < 0:
-                    blocked = fact
-                    break
-                if stage_rank[producer] != rank:
-                    at += message_time[stage_rank[producer]][rank]
+            shift = microbatch * per_microbatch
+            needs, makes = table[kind][stage]
+            start = clock
+            for fact, producer in needs:
+                at = ready_at[fact + shift] + delay[producer]
                 if at > start:
                     start = at
-            if blocked is not None:
-                waiting[blocked].append(rank)
-                break
-            end = start + durations[(kind, stage)]
-            events.append(Event(rank, action, start, end))
-            free_at[rank] = end
-            position += 1
-            for offset in _PRODUCED[kind]:
-                ready_at[base + offset] = end
-                queue.extend(waiting.pop(base + offset, ()))
-        cursor[rank] = position
-    stuck = [rank for rank, program in enumerate(programs) if cursor[rank] < len(program)]
-    if stuck:
-        where = ", ".join(f"rank {rank} at {programs[rank][cursor[rank]]}" for rank in stuck)
-        raise ScheduleError(f"{schedule.name}: simulation cannot progress (deadlock): {where}")
+            clock = start + durations[kind][stage]
+            events.append(Event(rank, action, start, clock))
+            for fact in makes:
+                ready_at[fact + shift] = clock
+        free_at[rank] = clock
     return events
 
 
-_PRODUCED = {Kind.F: (0,), Kind.B: (1, 2), Kind.I: (1,), Kind.W: (2,)}
+def _durations(schedule: Schedule, costs: Costs) -> dict[Kind, list[float]]:
+    """``durations[kind][stage]``: how long that compute action takes on its stage's rank."""
+    placement = schedule.placement
+    stage_rank = placement.stage_ranks
+    factors = costs.rank_time_factors or (1.0,) * placement.num_ranks
+    return {
+        kind: [
+            costs.duration(Action(stage, kind, 0), placement.position(stage), placement.stages_per_pipeline)
+            * factors[stage_rank[stage]]
+            for stage in range(placement.num_stages)
+        ]
+        for kind in COMPUTE_KINDS
+    }
+
+
+def _arrival_delays(num_ranks: int, costs: Costs) -> list[list[float]]:
+    """``delays[target][source]``: a message's time from ``source`` to ``target``; 0 on one rank."""
+    ranks = range(num_ranks)
+    return [[0.0 if source == target else costs.message_time(source, target) for source in ranks] for target in ranks]
 
 
 def _syncs(schedule: Schedule, events: list[Event], costs: Costs) -> list[Event]:

@@ -5,17 +5,20 @@ pipeline), completeness (F once and B once, or I and W once, for every stage of 
 local order (no action before one it depends on, on the same rank), messages (after ``lower``:
 every send has its receive, in the same order per peer pair), replica syncs (after the last
 backward of their stage, in the same order on both replicas), and deadlock freedom (ranks run
-their programs in order; sends and receive posts never block; compute waits for its inputs).
+their programs in order; sends and receive posts never block; compute waits for its inputs:
+``schedules.dataflow`` runs them).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 
+from megatron_bitpipe.schedules.dataflow import compile_rules, describe, run
 from megatron_bitpipe.schedules.errors import ScheduleError
 from megatron_bitpipe.schedules.ir import (
     COMM_KINDS,
     Action,
+    Fact,
     Kind,
     Schedule,
     produces,
@@ -378,86 +381,11 @@ def _check_progress(schedule: Schedule) -> None:
     raise _fail(schedule, rank, position, f"deadlock: {details}")
 
 
-def dry_run(schedule: Schedule) -> list[tuple[int, int, tuple[str, int, int]]]:
-    """Run every rank in order; return ``(rank, position, awaited fact)`` for blocked ranks.
-
-    Compute waits for its inputs; in a lowered schedule an input from another rank arrives when
-    its SEND has run. Sends, receive posts and syncs never block. Facts are integers
-    ``(stage * N + microbatch) * 3 + {0: activation, 1: input_grad, 2: weight_grad}``.
+def dry_run(schedule: Schedule) -> list[tuple[int, int, Fact]]:
+    """Run every rank in order (``dataflow.run``); return ``(rank, position, awaited fact)`` for
+    the blocked ranks, by rank. In a lowered schedule an input from another rank arrives when its
+    SEND has run; such a fact reads ``message(activation)`` or ``message(input_grad)``.
     """
-    placement = schedule.placement
-    num_microbatches = schedule.num_microbatches
-    num_stages = placement.num_stages
-    stage_rank = placement.stage_ranks
-    first = [placement.is_first(stage) for stage in range(num_stages)]
-    last = [placement.is_last(stage) for stage in range(num_stages)]
-    lowered = schedule.is_lowered
-    done = bytearray(num_stages * num_microbatches * 3)
-    sent = bytearray(num_stages * num_microbatches * 3) if lowered else done
-    waiting: dict[int, list[int]] = defaultdict(list)
-    cursor = [0] * schedule.num_ranks
-    stuck: dict[int, int] = {}
-    ready = deque(range(schedule.num_ranks))
-    kind_f, kind_b, kind_i, kind_w = Kind.F, Kind.B, Kind.I, Kind.W
-    kind_send_f, kind_send_b = Kind.SEND_F, Kind.SEND_B
-    stride = 3 * num_microbatches
-    while ready:
-        rank = ready.popleft()
-        program = schedule.programs[rank]
-        position = cursor[rank]
-        while position < len(program):
-            stage, kind, microbatch = program[position]
-            if kind is kind_send_f or kind is kind_send_b:
-                fact = (stage * num_microbatches + microbatch) * 3 + (0 if kind is kind_send_f else 1)
-                sent[fact] = 1
-                ready.extend(waiting.pop(-1 - fact, ()))
-                position += 1
-                continue
-            if microbatch is None:
-                position += 1
-                continue
-            base = (stage * num_microbatches + microbatch) * 3
-            awaited = None
-            if kind is kind_f:
-                if not first[stage]:
-                    fact = base - stride
-                    if lowered and stage_rank[stage - 1] != rank:
-                        awaited = None if sent[fact] else -1 - fact
-                    elif not done[fact]:
-                        awaited = fact
-            elif kind is kind_b or kind is kind_i:
-                if not done[base]:
-                    awaited = base
-                elif not last[stage]:
-                    fact = base + stride + 1
-                    if lowered and stage_rank[stage + 1] != rank:
-                        awaited = None if sent[fact] else -1 - fact
-                    elif not done[fact]:
-                        awaited = fact
-            elif kind is kind_w:
-                awaited = None if done[base + 1] else base + 1
-            else:
-                position += 1
-                continue
-            if awaited is not None:
-                waiting[awaited].append(rank)
-                stuck[rank] = awaited
-                break
-            stuck.pop(rank, None)
-            for offset in _PRODUCED[kind]:
-                done[base + offset] = 1
-                ready.extend(waiting.pop(base + offset, ()))
-            position += 1
-        cursor[rank] = position
-    return [(rank, cursor[rank], _describe_fact(stuck[rank], num_microbatches)) for rank in sorted(stuck)]
-
-
-_PRODUCED = {Kind.F: (0,), Kind.B: (1, 2), Kind.I: (1,), Kind.W: (2,)}
-
-
-def _describe_fact(key: int, num_microbatches: int) -> tuple[str, int, int]:
-    message = key < 0
-    fact = -1 - key if message else key
-    what = ("activation", "input_grad", "weight_grad")[fact % 3]
-    stage, microbatch = divmod(fact // 3, num_microbatches)
-    return (f"message({what})" if message else what, stage, microbatch)
+    rules = compile_rules(schedule, messages=schedule.is_lowered)
+    outcome = run(schedule.programs, rules)
+    return [(rank, position, describe(rules, fact)) for rank, position, fact in outcome.blocked]
