@@ -31,6 +31,7 @@ from megatron_bitpipe.outputs import prepare_output
 from megatron_bitpipe.scale import measured_costs
 from megatron_bitpipe.scale.commands import COMMAND_SPECS
 from megatron_bitpipe.schedules import registry
+from megatron_bitpipe.schedules.choice import parse as choice_list
 from megatron_bitpipe.schedules.errors import ScheduleConfigError, ScheduleError
 from megatron_bitpipe.schedules.ir import Schedule
 from megatron_bitpipe.schedules.lower import lower
@@ -414,9 +415,9 @@ def schedule_names(text: str) -> list[str]:
     """``all`` or a comma-separated list; unknown names raise ScheduleConfigError."""
     if text.strip() == ALL:
         return registry.names()
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = [choice.name for choice in choice_list(text)]
     if not names:
-        raise ScheduleConfigError(f"--schedule {text!r} names no schedule")
+        raise ScheduleConfigError(None, "schedule", text, "names no schedule")
     for name in names:
         registry.get(name)
     return names

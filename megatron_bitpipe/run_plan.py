@@ -12,16 +12,15 @@ import argparse
 import importlib.util
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_bitpipe.runtime import nccl_rules
-from megatron_bitpipe.scale import rank_order
-from megatron_bitpipe.schedules import ScheduleConfigError, Schedule, build, get, lower, names
-from megatron_bitpipe.schedules.placement import Placement, looped
-
-MEGATRON_SCHEDULES = ("megatron-1f1b", "megatron-interleaved", "none")
+from megatron_bitpipe.schedules import ScheduleConfigError, Schedule, get, lower, names
+from megatron_bitpipe.schedules import rank_order
+from megatron_bitpipe.schedules.choice import ScheduleChoice, known_names, parse
+from megatron_bitpipe.schedules.flags import TRAINER, flag, words
+from megatron_bitpipe.schedules.placement import Placement
 
 
 class ArgumentsError(ValueError):
@@ -35,15 +34,29 @@ class RunPlan:
     world_size: int
     data_parallel_size: int
     num_microbatches: int
-    schedule: str
-    schedule_options: tuple[tuple[str, Any], ...]
+    choice: ScheduleChoice
     placement: Placement
-    virtual_size: int | None
-    """megatron-interleaved's vp (parallel_state and config), else None."""
+    built: Schedule | None
+    """The validated schedule the run executes (megatron's checked twin for its own; else None)."""
+
+    @property
+    def schedule(self) -> str:
+        """The schedule's name."""
+        return self.choice.name
+
+    @property
+    def schedule_options(self) -> tuple[tuple[str, Any], ...]:
+        """The registry schedule's options; () for megatron-core's own functions."""
+        return () if self.choice.is_megatron else self.choice.options
+
+    @property
+    def virtual_size(self) -> int | None:
+        """megatron's interleaved vp (parallel_state and config), else None."""
+        return self.choice.option("vp") if self.choice.is_megatron else None
 
     @property
     def uses_registry(self) -> bool:
-        return self.schedule not in MEGATRON_SCHEDULES
+        return self.choice.uses_registry
 
     def output_path(self, template: str) -> str:
         """``template`` with ``{schedule}`` replaced by this plan's schedule name."""
@@ -115,8 +128,11 @@ def check_ranges(args: argparse.Namespace) -> None:
             raise ArgumentsError(f"{flag} {value}: must be {rule}")
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
-    """Check every rule that needs no process group; raise ArgumentsError naming the setting.
+def validate_args(
+    args: argparse.Namespace, world_size: int, front_end: str = TRAINER
+) -> list[RunPlan]:
+    """Check every rule that needs no process group; raise ArgumentsError naming the setting
+    (a schedule's own rules in ``front_end``'s flags: ``schedules.flags``).
 
     ``--pipeline-schedule`` may list several schedules (comma separated): they run one after
     the other in one process group, each from the same initial weights and data.
@@ -129,10 +145,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
         )
     except ValueError as error:
         raise ArgumentsError(str(error)) from None
-    schedules = [name.strip() for name in args.pipeline_schedule.split(",") if name.strip()]
+    schedules = parse(args.pipeline_schedule)
     _require(bool(schedules), "--pipeline-schedule needs at least one schedule name")
     _require(
-        args.trace is None or any(name not in MEGATRON_SCHEDULES for name in schedules),
+        args.trace is None or any(choice.uses_registry for choice in schedules),
         f"--trace records the runtime executor; --pipeline-schedule {args.pipeline_schedule} "
         f"does not use it (megatron-core's own functions are not traced)",
     )
@@ -144,20 +160,21 @@ def validate_args(args: argparse.Namespace, world_size: int) -> list[RunPlan]:
             )
     if len(schedules) > 1:
         # a virtual size given for a list applies to the schedules that take one
-        takes_vp = [
-            name
-            for name in schedules
-            if name == "megatron-interleaved" or (name in names() and "vp" in get(name).options)
-        ]
         _require(
-            bool(takes_vp) or _virtual_size(args, args.pipeline_model_parallel_size) is None,
+            any(choice.takes_virtual_size for choice in schedules)
+            or _virtual_size(args, args.pipeline_model_parallel_size) is None,
             "--virtual-pipeline-model-parallel-size: no listed schedule takes a virtual size",
         )
         return [
-            _validate_schedule(_without_virtual_size(args, name not in takes_vp), world_size, name)
-            for name in schedules
+            _validate_schedule(
+                _without_virtual_size(args, not choice.takes_virtual_size),
+                world_size,
+                choice,
+                front_end,
+            )
+            for choice in schedules
         ]
-    return [_validate_schedule(args, world_size, schedules[0])]
+    return [_validate_schedule(args, world_size, schedules[0], front_end)]
 
 
 def _without_virtual_size(args: argparse.Namespace, drop: bool) -> argparse.Namespace:
@@ -172,7 +189,9 @@ def _without_virtual_size(args: argparse.Namespace, drop: bool) -> argparse.Name
     )
 
 
-def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str) -> RunPlan:
+def _validate_schedule(
+    args: argparse.Namespace, world_size: int, choice: ScheduleChoice, front_end: str
+) -> RunPlan:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     _require(tp >= 1 and pp >= 1, "--tensor/--pipeline-model-parallel-size must be >= 1")
     _require(
@@ -203,52 +222,42 @@ def _validate_schedule(args: argparse.Namespace, world_size: int, schedule: str)
         "iteration after loading differs)",
     )
     num_microbatches = args.global_batch_size // per_step
-    placement, options, virtual_size = _resolve_schedule(args, schedule, pp, num_microbatches)
-    check_features(args, schedule, placement)
+    choice = _resolve_schedule(args, choice, pp)
+    built = _plan(choice, pp, num_microbatches, front_end)
+    if choice.uses_registry:
+        check_nccl_order(built, os.environ.get(CONNECTIONS_VARIABLE))
+    placement = choice.placement(pp, num_microbatches)
+    check_features(args, choice, placement)
     stages = placement.stages_per_pipeline
     _require(args.num_layers is not None, "--num-layers is required")
     _require(
         args.num_layers % stages == 0,
         f"--num-layers {args.num_layers} must be divisible by the "
-        f"{stages} stages per pipeline of {schedule} (placement {placement.kind}, PP={pp})",
+        f"{stages} stages per pipeline of {choice} (placement {placement.kind}, PP={pp})",
     )
-    return RunPlan(
-        world_size,
-        dp,
-        num_microbatches,
-        schedule,
-        tuple(sorted(options.items())),
-        placement,
-        virtual_size,
-    )
+    return RunPlan(world_size, dp, num_microbatches, choice, placement, built)
 
 
-def _resolve_schedule(
-    args: argparse.Namespace, schedule: str, pp: int, num_microbatches: int
-) -> tuple[Placement, dict[str, Any], int | None]:
-    """(placement, registry options, megatron-interleaved's virtual size) of one schedule."""
+def _resolve_schedule(args: argparse.Namespace, choice: ScheduleChoice, pp: int) -> ScheduleChoice:
+    """``choice`` with the options the arguments give it; ArgumentsError for one it refuses."""
     vp = _virtual_size(args, pp)
-    if schedule == "none":
+    if choice.is_reference:
         _require(
-            pp == 1, f"--pipeline-schedule none needs --pipeline-model-parallel-size 1, got {pp}"
+            pp == 1, f"--pipeline-schedule {choice} needs --pipeline-model-parallel-size 1, got {pp}"
         )
-        return looped(1, 1), {}, None
-    if schedule == "megatron-1f1b":
-        _require(vp is None, "--pipeline-schedule megatron-1f1b takes no virtual pipeline size")
-        return looped(pp, 1), {}, None
-    if schedule == "megatron-interleaved":
+        return choice
+    if choice.is_megatron and not choice.takes_virtual_size:
+        _require(vp is None, f"--pipeline-schedule {choice} takes no virtual pipeline size")
+        return choice
+    if choice.is_megatron:
         _require(
             vp is not None,
-            "--pipeline-schedule megatron-interleaved needs "
+            f"--pipeline-schedule {choice} needs "
             "--virtual-pipeline-model-parallel-size or --num-layers-per-virtual-pipeline-stage",
         )
         group = args.microbatch_group_size_per_virtual_pipeline_stage
-        _plan("interleaved-1f1b", pp, num_microbatches, {"vp": vp, "microbatch_group_size": group})
-        return looped(pp, vp), {}, vp
-    options = _registry_options(args, schedule, vp)
-    built = _plan(schedule, pp, num_microbatches, options)
-    check_nccl_order(built, os.environ.get(CONNECTIONS_VARIABLE))
-    return built.placement, options, None
+        return choice.with_options(vp=vp, microbatch_group_size=group)
+    return choice.with_options(**_registry_options(args, choice.name, vp))
 
 
 CONNECTIONS_VARIABLE = "CUDA_DEVICE_MAX_CONNECTIONS"
@@ -296,7 +305,7 @@ def check_recompute(args: argparse.Namespace) -> None:
     )
 
 
-def check_features(args: argparse.Namespace, schedule: str, placement: Placement) -> None:
+def check_features(args: argparse.Namespace, schedule: ScheduleChoice, placement: Placement) -> None:
     """Raise ArgumentsError for a Megatron feature the schedule's placement would run wrongly.
 
     The settings are Megatron-LM's (``num_experts``, ``calculate_per_token_loss``,
@@ -319,7 +328,7 @@ def check_features(args: argparse.Namespace, schedule: str, placement: Placement
         "a schedule whose loss heads are on the last rank",
     )
     _require(
-        not getattr(args, "variable_seq_lengths", False) or schedule in MEGATRON_SCHEDULES,
+        not getattr(args, "variable_seq_lengths", False) or schedule.is_megatron,
         f"variable_seq_lengths: --pipeline-schedule {schedule} sends every activation in a buffer "
         "of the one shape --seq-length and --micro-batch-size give, and NCCL does not check "
         "shapes; use a fixed sequence length or a megatron-* schedule",
@@ -404,49 +413,37 @@ def _virtual_size(args: argparse.Namespace, pp: int) -> int | None:
 
 
 def _registry_options(args: argparse.Namespace, schedule: str, vp: int | None) -> dict[str, Any]:
-    known = names()
     _require(
-        schedule in known,
-        f"--pipeline-schedule {schedule!r} is unknown; choose one of "
-        f"{', '.join(known + list(MEGATRON_SCHEDULES))}",
+        schedule in names(),
+        f"--pipeline-schedule {schedule!r} is unknown; choose one of {', '.join(known_names())}",
     )
     accepted = get(schedule).options
     options: dict[str, Any] = {}
     group = args.microbatch_group_size_per_virtual_pipeline_stage
-    for option, value, flag in (
-        ("vp", vp, "--virtual-pipeline-model-parallel-size"),
-        ("microbatch_group_size", group, "--microbatch-group-size-per-virtual-pipeline-stage"),
-        ("max_inflight", getattr(args, "max_inflight", None), "--max-inflight"),
-        ("max_stash", getattr(args, "max_stash", None), "--max-stash"),
+    for option, value in (
+        ("vp", vp),
+        ("microbatch_group_size", group),
+        ("max_inflight", getattr(args, "max_inflight", None)),
+        ("max_stash", getattr(args, "max_stash", None)),
     ):
         if value is None:
             continue
-        _require(option in accepted, f"{flag} is not an option of --pipeline-schedule {schedule}")
+        _require(
+            option in accepted,
+            f"{flag(option, TRAINER)} is not an option of --pipeline-schedule {schedule}",
+        )
         options[option] = value
     return options
 
 
-TRAINER_FLAGS = (
-    (r"--pp\b", "--pipeline-model-parallel-size"),
-    (r"--microbatches (\d+)", r"\1 microbatches per data-parallel rank"),
-    (r"--vp\b", "--virtual-pipeline-model-parallel-size"),
-    (r"--microbatch-group-size\b", "--microbatch-group-size-per-virtual-pipeline-stage"),
-)
-"""The planning CLI's flags in the registry's messages, and the trainer's words for them."""
-
-
-def in_trainer_words(message: str) -> str:
-    """A registry message with the trainer's flag names instead of the planning CLI's."""
-    for pattern, replacement in TRAINER_FLAGS:
-        message = re.sub(pattern, replacement, message)
-    return message
-
-
-def _plan(schedule: str, pp: int, num_microbatches: int, options: dict[str, Any]) -> Any:
+def _plan(
+    choice: ScheduleChoice, pp: int, num_microbatches: int, front_end: str
+) -> Schedule | None:
+    """``choice`` built (once: the choice keeps it); ArgumentsError in ``front_end``'s flags."""
     try:
-        return build(schedule, pp, num_microbatches, **options)
+        return choice.build(pp, num_microbatches)
     except ScheduleConfigError as error:
         raise ArgumentsError(
-            f"{in_trainer_words(str(error))} (the global batch gives {num_microbatches} "
+            f"{error.in_words(words(front_end))} (the global batch gives {num_microbatches} "
             f"microbatches per data-parallel rank)"
         ) from error

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \(ms\): ([0-9.]+)")
+sys.path.insert(0, str(REPO))
+from megatron_bitpipe import run_report  # noqa: E402
+
 PAIRS = (("megatron-1f1b", "1f1b"), ("megatron-interleaved", "interleaved-1f1b"))
 
 
-def step_times(log: str, schedules: list[str]) -> dict[str, list[float]]:
-    """Milliseconds per iteration for each schedule of a multi-schedule log."""
-    parts = re.split(r"^schedule (\S+)$", log, flags=re.MULTILINE)
-    sections = dict(zip(parts[1::2], parts[2::2], strict=True)) if len(schedules) > 1 else {schedules[0]: log}
-    return {name: [float(ms) for _, ms in STEP.findall(text)] for name, text in sections.items()}
+def step_times(report_path: str) -> dict[str, list[float]]:
+    """Milliseconds per iteration of each schedule of a trainer's ``--report``."""
+    entries = run_report.by_schedule(run_report.read(report_path))
+    return {name: run_report.step_ms(entry) for name, entry in entries.items()}
 
 
 def main() -> None:
@@ -46,10 +47,13 @@ def main() -> None:
         "--micro-batch-size", "2", "--global-batch-size", str(16 * args.pp), "--train-iters", str(args.iters),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(result.stdout[-3000:] + result.stderr[-3000:])
-    times = step_times(result.stdout, schedules)
+    with tempfile.TemporaryDirectory() as folder:
+        report = os.path.join(folder, "report.json")
+        result = subprocess.run([*command, "--report", report], cwd=REPO, env=env, capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            sys.exit(result.stdout[-3000:] + result.stderr[-3000:])
+        times = step_times(report)
     print(f"PP={args.pp}, hidden {args.hidden_size}, {args.iters} iterations (median of 3..{args.iters}), ms per step")
     for theirs, ours in PAIRS:
         theirs_ms, ours_ms = (statistics.median(times[name][2:]) for name in (theirs, ours))

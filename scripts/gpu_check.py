@@ -16,7 +16,8 @@ Two ranks cannot share a GPU under NCCL, so everything here runs at PP=1 through
 4. trace: the 1f1b run's ``--trace`` times actions with CUDA events, so its F and B spans add up
    to most of a step (>= 0.5 of the median step time; host-time spans of queued kernels would not).
 
-``--logs DIR`` keeps every run's whole output there.
+Every figure is read from the runs' ``--report`` files (``megatron_bitpipe.run_report``).
+``--logs DIR`` keeps every run's whole output and report there.
 
 Exit status 1 when any check fails. Multi-GPU behaviour (NCCL channels, the set-up order, the
 loss reduction, replicas) rests on the CPU tests and the NCCL-rules replay (tests/test_nccl_rules.py).
@@ -26,16 +27,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
-from megatron_bitpipe.scale.bench import STEP, sections
+from megatron_bitpipe import run_report
 
-LOSS = re.compile(r"iteration\s+\d+/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
-PEAK = re.compile(r"peak activation memory per rank \(bytes\): (\[.*?\])")
 PP1_SCHEDULES = ["none", "gpipe", "1f1b", "breadth-first", "zb-h1", "v-min", "v-half", "v-zb"]
 SMALL = (
     "--num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256 --vocab-size 1024 "
@@ -58,16 +58,23 @@ def report(ok: bool, line: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'} {line}", flush=True)
 
 
-def train(arguments: list[str], name: str) -> tuple[int, str]:
-    """One trainer process on this GPU; (exit status, stdout + stderr), kept in ``logs``/name.log."""
-    command = [sys.executable, "-m", "megatron_bitpipe.train", *arguments]
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+def train(arguments: list[str], name: str) -> tuple[int, str, dict[str, dict[str, Any]]]:
+    """One trainer process on this GPU: (exit status, stdout + stderr, its report's entries by
+    schedule, empty when it wrote none), kept in ``logs``/name.log and name.report.json."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report_path = os.path.join(logs or scratch, f"{name}.report.json")
+        command = [sys.executable, "-m", "megatron_bitpipe.train", *arguments, "--report", report_path]
+        environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+        try:
+            runs = run_report.by_schedule(run_report.read(report_path))
+        except run_report.ReportError:
+            runs = {}
     output = result.stdout + result.stderr
     if logs is not None:
         with open(os.path.join(logs, f"{name}.log"), "w") as log_file:
             log_file.write(" ".join(command) + "\n" + output)
-    return result.returncode, output
+    return result.returncode, output, runs
 
 
 def worst_relative(values: list[float], reference: list[float]) -> float:
@@ -79,21 +86,20 @@ def worst_relative(values: list[float], reference: list[float]) -> float:
 def check_losses_and_syncs(precision: str) -> None:
     flags = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[precision]
     arguments = [*SMALL, *flags, "--check-host-syncs", "--virtual-pipeline-model-parallel-size", "2"]
-    status, log = train([*arguments, "--pipeline-schedule", ",".join(PP1_SCHEDULES)], precision)
-    parts = sections(log)
-    if status != 0 or "none" not in parts:
+    status, log, runs = train([*arguments, "--pipeline-schedule", ",".join(PP1_SCHEDULES)], precision)
+    if status != 0 or "none" not in runs:
         report(False, f"{precision}: the run failed (exit {status}): {log[-1500:]}")
         return
-    reference = [float(value) for value in LOSS.findall(parts["none"])]
+    reference = run_report.losses(runs["none"])
     for schedule in PP1_SCHEDULES[1:]:
-        losses = [float(value) for value in LOSS.findall(parts.get(schedule, ""))]
+        losses = run_report.losses(runs[schedule]) if schedule in runs else []
         worst = worst_relative(losses, reference)
         report(
             worst <= TOLERANCE[precision],
             f"{precision} {schedule}: lm loss equals none's (worst relative {worst:.1e}, "
             f"bound {TOLERANCE[precision]:g}, {len(losses)} iterations)",
         )
-    synced = [name for name, part in parts.items() if "host syncs in the step" not in part]
+    synced = [name for name, entry in runs.items() if entry["host_syncs"] != 0]
     report(not synced, f"{precision}: no host sync in any step after the first (sync debug mode "
            f"'error' and the call audit){'; failed: ' + ', '.join(synced) if synced else ''}")
 
@@ -102,13 +108,13 @@ def check_parity_and_memory(trace: str) -> None:
     measured = {}
     for schedule in ("none", "1f1b"):
         traced = ["--trace", trace] if schedule == "1f1b" else []
-        status, log = train([*PARITY, "--pipeline-schedule", schedule, *traced], f"parity-{schedule}")
-        steps = [float(value) for value in STEP.findall(log)]
-        peak = PEAK.search(log)
+        status, log, runs = train([*PARITY, "--pipeline-schedule", schedule, *traced], f"parity-{schedule}")
+        entry = runs.get(schedule, {"iterations": [], "peak_memory_bytes": None})
+        steps, peak = run_report.step_ms(entry), entry["peak_memory_bytes"]
         if status != 0 or len(steps) < 4 or peak is None:
             report(False, f"parity run {schedule} failed (exit {status}): {log[-1500:]}")
             return
-        measured[schedule] = (statistics.median(steps[2:]), json.loads(peak.group(1))[0])
+        measured[schedule] = (statistics.median(steps[2:]), peak[0])
     (ours_ms, ours_bytes), (theirs_ms, theirs_bytes) = measured["1f1b"], measured["none"]
     report(
         ours_ms <= 1.02 * theirs_ms,

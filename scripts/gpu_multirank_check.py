@@ -15,8 +15,9 @@ WORLD_SIZE stay torchrun's. NCCL's settings for every two-rank run:
   TP > 1) and unset (CUDA's default), each schedule once per setting.
 
 Schedules ``bitpipe``, ``chimera``, ``v-zb`` and ``interleaved-1f1b`` (vp 2), 8 microbatches
-(N = 4D). Every run's ``lm loss`` must equal the PP=1 run's (``--pipeline-schedule none``, one
-process, same model) to 1e-5 relative, and its NCCL log must say that the ranks share the GPU.
+(N = 4D). Every run's ``lm loss`` (from its ``--report``) must equal the PP=1 run's
+(``--pipeline-schedule none``, one process, same model) to 1e-5 relative, and its NCCL log must
+say that the ranks share the GPU.
 Every launch runs under ``timeout``: a run that does not exit in ``--timeout`` seconds is a FAIL
 that names the hang, and its process group is killed.
 
@@ -37,7 +38,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpu_check import LOSS, worst_relative
+from gpu_check import worst_relative
+
+from megatron_bitpipe import run_report
 
 SCHEDULES = ("bitpipe", "chimera", "v-zb", "interleaved-1f1b")
 CONNECTIONS = ("1", "default")
@@ -75,13 +78,15 @@ class Run:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a launch did: exit status, output (stdout and stderr), seconds, and whether
-    ``timeout`` stopped it (status 124, or 137 after its SIGKILL, at the time limit)."""
+    """What a launch did: exit status, output (stdout and stderr), seconds, whether ``timeout``
+    stopped it (status 124, or 137 after its SIGKILL, at the time limit), and the lm loss of
+    every iteration its trainer's ``--report`` holds."""
 
     status: int
     output: str
     seconds: float
     hung: bool
+    losses: tuple[float, ...] = ()
 
 
 def schedule_arguments(schedule: str) -> list[str]:
@@ -112,8 +117,9 @@ def two_rank_run(schedule: str, connections: str, *, cpu: bool) -> Run:
     return Run(f"{schedule} PP=2, 2 ranks on {place}, CUDA_DEVICE_MAX_CONNECTIONS={setting}", command, environment)
 
 
-def launch(run: Run, timeout_s: int, *, cpu: bool) -> Outcome:
-    """``timeout -k 30 TIMEOUT`` around the run's command, in a session of its own.
+def launch(run: Run, timeout_s: int, *, cpu: bool, report: str | None = None) -> Outcome:
+    """``timeout -k 30 TIMEOUT`` around the run's command (a trainer's, given ``--report report``
+    when ``report`` is a path), in a session of its own.
 
     ``timeout`` signals its whole process group (torchrun and the ranks); whatever is left of that
     group afterwards is killed, so no rank outlives its run.
@@ -126,7 +132,10 @@ def launch(run: Run, timeout_s: int, *, cpu: bool) -> Outcome:
             environment.pop(name, None)
         else:
             environment[name] = value
-    command = ["timeout", "-k", "30", str(timeout_s), *run.command]
+    reporting = ["--report", report] if report is not None else []
+    if report is not None and os.path.exists(report):
+        os.remove(report)  # an earlier launch's report is never read as this one's
+    command = ["timeout", "-k", "30", str(timeout_s), *run.command, *reporting]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=environment, start_new_session=True)
@@ -141,12 +150,19 @@ def launch(run: Run, timeout_s: int, *, cpu: bool) -> Outcome:
         except (ProcessLookupError, PermissionError):
             pass
     seconds = time.perf_counter() - started
-    return Outcome(process.returncode, output, seconds, process.returncode in (124, 137) and seconds >= timeout_s)
+    hung = process.returncode in (124, 137) and seconds >= timeout_s
+    losses = reported_losses(report) if report is not None else []
+    return Outcome(process.returncode, output, seconds, hung, tuple(losses))
 
 
-def losses(output: str) -> list[float]:
-    """Every iteration's ``lm loss`` in a trainer log (gpu_check's pattern)."""
-    return [float(value) for value in LOSS.findall(output)]
+def reported_losses(path: str) -> list[float]:
+    """Every iteration's ``lm loss`` in the one-schedule trainer report at ``path`` (none if the
+    trainer wrote none)."""
+    try:
+        entries = run_report.read(path)["schedules"]
+    except run_report.ReportError:
+        return []
+    return run_report.losses(entries[0]) if entries else []
 
 
 def verdict(run: Run, outcome: Outcome, reference: list[float], timeout_s: int, *, cpu: bool) -> tuple[bool, str]:
@@ -159,7 +175,7 @@ def verdict(run: Run, outcome: Outcome, reference: list[float], timeout_s: int, 
         return False, f"{run.name}: exit {outcome.status}: {tail}"
     if not cpu and SHARED_GPU not in outcome.output:
         return False, f"{run.name}: NCCL's log does not say '{SHARED_GPU}': did the ranks share the GPU?"
-    found = losses(outcome.output)
+    found = list(outcome.losses)
     worst = worst_relative(found, reference)
     return worst <= TOLERANCE, (
         f"{run.name}: lm loss equals PP=1's (worst relative {worst:.1e}, bound {TOLERANCE:g}, "
@@ -172,6 +188,11 @@ def shown(run: Run) -> str:
     removed = [f"-u {name}" for name, value in run.environment.items() if value is None]
     changes = [*removed, *(f"{name}={value}" for name, value in run.environment.items() if value is not None)]
     return " ".join(["env", *changes, *run.command]) if changes else " ".join(run.command)
+
+
+def report_path(logs: str, index: int) -> str:
+    """Where run ``index`` writes its ``--report``: ``logs``/NN.report.json."""
+    return os.path.join(logs, f"{index:02d}.report.json")
 
 
 def keep(logs: str | None, index: int, run: Run, outcome: Outcome) -> None:
@@ -195,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print every launch instead of running it")
     parser.add_argument("--cpu", action="store_true", help="run on CPU/gloo: tests the harness, not NCCL")
-    parser.add_argument("--logs", help="keep every run's whole output in this folder")
+    parser.add_argument("--logs", help="keep every run's whole output and report in this folder")
     parser.add_argument("--schedules", default=",".join(SCHEDULES),
                         type=lambda text: selected(text, SCHEDULES))
     parser.add_argument("--connections", default=",".join(CONNECTIONS),
@@ -229,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = options.logs or tempfile.mkdtemp(prefix="gpu-multirank-")
     os.makedirs(logs, exist_ok=True)
     reference = reference_run()
-    outcome = launch(reference, options.timeout, cpu=options.cpu)
+    outcome = launch(reference, options.timeout, cpu=options.cpu, report=report_path(logs, 0))
     keep(logs, 0, reference, outcome)
-    expected = losses(outcome.output)
+    expected = list(outcome.losses)
     if outcome.status != 0 or len(expected) != TRAIN_ITERS:
         reason = "hang" if outcome.hung else f"exit {outcome.status}, {len(expected)} losses"
         print(f"FAIL {reference.name}: {reason}: {outcome.output[-1500:]}", flush=True)
@@ -240,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"PASS {reference.name}: {TRAIN_ITERS} losses, {outcome.seconds:.0f} s", flush=True)
     failures = 0
     for index, run in enumerate(runs, start=1):
-        outcome = launch(run, options.timeout, cpu=options.cpu)
+        outcome = launch(run, options.timeout, cpu=options.cpu, report=report_path(logs, index))
         keep(logs, index, run, outcome)
         passed, line = verdict(run, outcome, expected, options.timeout, cpu=options.cpu)
         failures += not passed

@@ -6,14 +6,14 @@ Trains a small GPT with bitpipe on 4 local CPU processes (torchrun, gloo) for ``
 iterations, checkpointing every ``--save-interval``, once uninterrupted and once with rank 2
 killed (SIGKILL) as its step ``--kill-at`` starts, then restarted from the last checkpoint.
 Prints both loss curves' comparison and exits 1 unless the resumed curve equals the uninterrupted
-one bitwise (the losses are printed with 7 significant digits by the trainer).
+one bitwise (the losses are read from each launch's ``--report``, in full precision; the killed
+launch's report holds the iterations it logged before the kill).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
+sys.path.insert(0, str(REPO))
+from megatron_bitpipe import run_report  # noqa: E402
+
 MODEL = (
     "--num-layers 8 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --vocab-size 128 "
     "--micro-batch-size 2 --global-batch-size 16 --lr 1e-3 --seed 1234 "
@@ -29,17 +31,23 @@ MODEL = (
 ).split()
 
 
-def train(arguments: list[str], fault: str | None = None) -> tuple[int, dict[int, str], float]:
-    """(exit status, {iteration: printed loss}, seconds) of one torchrun launch."""
+def train(arguments: list[str], fault: str | None = None) -> tuple[int, dict[int, float], float]:
+    """(exit status, {iteration: lm loss} from its report, seconds) of one torchrun launch."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if fault:
         env["MEGATRON_BITPIPE_FAULT"] = fault
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-               "-m", "megatron_bitpipe.train", *MODEL, *arguments]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    losses = {int(iteration): loss for iteration, loss in LOSS.findall(result.stdout)}
-    return result.returncode, losses, time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        report = os.path.join(folder, "report.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                   "-m", "megatron_bitpipe.train", *MODEL, *arguments, "--report", report]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - started
+        try:
+            entry = run_report.read(report)["schedules"][0]
+        except (run_report.ReportError, IndexError):
+            return result.returncode, {}, seconds
+    return result.returncode, run_report.by_iteration(entry, "lm_loss"), seconds
 
 
 def main() -> int:

@@ -1,20 +1,23 @@
-"""Running the trainer and Megatron-LM in subprocesses, and reading their Megatron-style logs."""
+"""Running the trainer and Megatron-LM in subprocesses, and reading what they report.
+
+Our trainer's figures come from its ``--report`` (``train``); Megatron-LM's ``pretrain_gpt.py``
+has only its log line, read by ``megatron_bitpipe.megatron_lm.log`` (``logged_losses``).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from megatron_bitpipe import run_report
+from megatron_bitpipe.megatron_lm import log as megatron_log
 
 REPO = Path(__file__).resolve().parents[1]
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.* lm loss: ([0-9.E+-]+) \|")
-GRAD_NORM = re.compile(r"iteration\s+\d+/\s*\d+ \|.* grad norm: ([0-9.E+-]+) \|")
-SKIPPED = re.compile(r"number of skipped iterations:\s+(\d+) \|")
-PEAK = re.compile(r"peak activation memory per rank \(bytes\): (\[.*?\])")
-HELD = re.compile(r"of which sends not yet known complete, per rank \(bytes\): (\[.*?\])")
 
 
 def run(
@@ -50,23 +53,55 @@ def succeeded(result: subprocess.CompletedProcess) -> str:
     return result.stdout
 
 
-def sections(log: str) -> dict[str, str]:
-    """The log split at the ``schedule NAME`` lines a multi-schedule launch prints."""
-    parts = re.split(r"^schedule (\S+)$", log, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
+@dataclass(frozen=True)
+class Trained:
+    """One launch of our trainer: how it ended, and its ``--report`` (None if it wrote none)."""
+
+    result: subprocess.CompletedProcess
+    report: dict[str, Any] | None
+
+    @property
+    def log(self) -> str:
+        return self.result.stdout
+
+    @property
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        """The report's entry of each schedule, in the order they trained."""
+        return run_report.by_schedule(self.report) if self.report is not None else {}
+
+    @property
+    def only(self) -> dict[str, Any]:
+        """The entry of a launch that trained one schedule."""
+        (entry,) = self.schedules.values()
+        return entry
+
+
+def train(
+    processes: int,
+    arguments: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: int = 420,
+    check: bool = True,
+) -> Trained:
+    """``megatron_bitpipe.train ARGUMENTS --report FILE`` (``run``) with FILE in a temporary
+    folder; with ``check``, fail the test unless it exits 0 and reports every schedule done."""
+    with tempfile.TemporaryDirectory(prefix="report-") as folder:
+        path = os.path.join(folder, "report.json")
+        target = ["-m", "megatron_bitpipe.train", *arguments, "--report", path]
+        result = run(processes, target, env=env, timeout=timeout)
+        report = run_report.read(path) if os.path.exists(path) else None
+    if check:
+        succeeded(result)
+        assert report is not None and report["complete"], report
+    return Trained(result, report)
 
 
 def logged_losses(log: str) -> list[float]:
-    return [float(value) for _, value in LOSS.findall(log)]
+    """The lm loss Megatron-LM's log line prints for every iteration (not NAN)."""
+    return megatron_log.losses(log)
 
 
 def logged_grad_norms(log: str) -> list[float]:
     """megatron's gradient norm of every iteration that updated (clipping uses it)."""
-    return [float(value) for value in GRAD_NORM.findall(log)]
-
-
-def logged_list(pattern: re.Pattern, log: str) -> list[int]:
-    """The per-rank list a log line holds, e.g. ``[1257428, 948176, 650188, 351216]``."""
-    match = pattern.search(log)
-    assert match is not None, pattern.pattern
-    return json.loads(match.group(1))
+    return megatron_log.grad_norms(log)

@@ -113,7 +113,8 @@ def test_loading_a_folder_without_a_finished_checkpoint_names_it(tmp_path):
 
 def test_distributed_optimizer_checkpoints_need_a_fused_adam_and_say_so(monkeypatch):
     from megatron_bitpipe import run_plan
-    from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+    from megatron_bitpipe.run_plan import ArgumentsError, validate_args
+    from megatron_bitpipe.train_args import build_parser
 
     monkeypatch.setattr(run_plan, "_has_fused_adam", lambda: False)
     args = build_parser().parse_args(
@@ -128,9 +129,45 @@ def test_distributed_optimizer_checkpoints_need_a_fused_adam_and_say_so(monkeypa
 
 def test_checkpoints_without_psutil_are_refused_before_they_could_hang(monkeypatch):
     from megatron_bitpipe import run_plan
-    from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+    from megatron_bitpipe.run_plan import ArgumentsError, validate_args
+    from megatron_bitpipe.train_args import build_parser
 
     monkeypatch.setattr(run_plan, "_importable", lambda module: module != "psutil")
     args = build_parser().parse_args([*MODEL, "--load", "somewhere"])
     with pytest.raises(ArgumentsError, match="--save/--load need psutil"):
         validate_args(args, world_size=1)
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [("bitpipe", {0: 0, 3: 0, 1: 2, 2: 2}), ("vshape", {0: 99, 1: 99, 2: 99, 3: 99})],
+)
+def test_replica_pairs_key_their_distributed_optimizer_buckets_alike(monkeypatch, kind, expected):
+    """Megatron keys a distributed optimizer's checkpoint buckets by the rank's model-parallel
+    index; the two ranks of a replica pair shard one state over the pair, so they share the pair's
+    index (lower pipeline rank x TP + TP rank, here TP=2 at TP rank 0) and shard over the buffers'
+    group. One pipeline keeps megatron's."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron_bitpipe.mcore import checkpointing
+    from megatron_bitpipe.schedules import placement
+
+    layout = getattr(placement, kind)(4)
+    pair_group = object()
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_rank", lambda: 0)
+    found = {}
+    for pp_rank in range(4):
+        monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda: pp_rank)
+        inner = SimpleNamespace(
+            data_parallel_group_idx=99,
+            data_parallel_group="data parallel",
+            buffers=[SimpleNamespace(data_parallel_group=pair_group)] * 2,
+        )
+        checkpointing.share_optimizer_keys_with_replicas(SimpleNamespace(chained_optimizers=[inner]), layout)
+        found[pp_rank] = inner.data_parallel_group_idx
+        sharded_over_pair = inner.data_parallel_group is pair_group
+        assert sharded_over_pair == (kind == "bitpipe")
+    assert found == expected

@@ -7,7 +7,9 @@ pipeline with dropout on trains like one process.
 from __future__ import annotations
 
 import pytest
-from runs import logged_losses, run, succeeded
+from runs import train
+
+from megatron_bitpipe.run_report import losses
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -58,12 +60,11 @@ def test_a_layer_draws_the_same_masks_whatever_ran_before():
 
 
 def test_pipelines_with_dropout_train_like_one_process():
-    reference = logged_losses(succeeded(run(1, ["-m", "megatron_bitpipe.train", *MODEL,
-                                                "--pipeline-schedule", "1f1b"])))
-    log = succeeded(run(2, ["-m", "megatron_bitpipe.train", *MODEL, "--pipeline-model-parallel-size", "2",
-                            "--pipeline-schedule", "bitpipe,v-half,interleaved-1f1b"]))
+    reference = losses(train(1, [*MODEL, "--pipeline-schedule", "1f1b"]).only)
+    schedules = ["bitpipe", "v-half", "interleaved-1f1b"]
+    pipelines = train(2, [*MODEL, "--pipeline-model-parallel-size", "2",
+                          "--pipeline-schedule", ",".join(schedules)]).schedules
     assert len(reference) == 3
-    parts = log.split("schedule ")[1:]
-    assert len(parts) == 3
-    for part in parts:
-        assert logged_losses(part) == pytest.approx(reference, rel=1e-5), part.splitlines()[0]
+    assert list(pipelines) == schedules
+    for schedule, entry in pipelines.items():
+        assert losses(entry) == pytest.approx(reference, rel=1e-5), schedule

@@ -13,9 +13,9 @@ import argparse
 import pytest
 
 from megatron_bitpipe import run_plan
-from megatron_bitpipe.run_plan import ArgumentsError, RunPlan
+from megatron_bitpipe.run_plan import ArgumentsError, RunPlan, validate_args
 from megatron_bitpipe.schedules import names
-from megatron_bitpipe.train import build_parser, validate_args
+from megatron_bitpipe.train_args import build_parser
 from schedule_fixtures import receives_posted_at_use
 
 TWO_PIPELINES = ["bitpipe", "bitpipe-official", "chimera"]

@@ -4,8 +4,8 @@ Each launch runs ``megatron_bitpipe.train`` on CPU/gloo with several schedules o
 other in one process group (same initial weights, same data), and every schedule is compared with
 ``--pipeline-schedule none`` on one process (megatron-core's forward_backward_no_pipelining):
 
-* the ``lm loss`` log line of every iteration and the validation loss (a forward-only step):
-  1e-5 relative;
+* the ``lm loss`` of every iteration (from ``--report``, which holds what the log line prints)
+  and the validation loss (a forward-only step): 1e-5 relative;
 * the reduced gradients of iteration 1 (without a distributed optimizer): 1e-5 of each tensor's
   largest value;
 * the parameters after five Adam steps: 1e-5 of each tensor's largest value, plus 1e-3 x lr.
@@ -14,27 +14,19 @@ other in one process group (same initial weights, same data), and every schedule
   parameters that start at 0 cannot match to a relative tolerance. eps = 1e-6 (far below the
   real gradients, ~1e-4) keeps that noise ~1e-4 x lr; a wrong gradient moves them by ~lr.
 
-Bidirectional schedules also log that the two replicas of every stage are bitwise identical
+Bidirectional schedules also report that the two replicas of every stage are bitwise identical
 (training raises otherwise). Spawning costs ~15 s per launch on two cores.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
-from runs import (
-    HELD,
-    PEAK,
-    SKIPPED,
-    logged_grad_norms,
-    logged_list,
-    logged_losses,
-    run,
-    sections,
-    succeeded,
-)
+from runs import Trained, train
+
+from megatron_bitpipe.megatron_lm import log as megatron_log
+from megatron_bitpipe.run_report import grad_norms, losses, step_ms, values
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -46,13 +38,11 @@ MODEL = (
     f"--lr {LR} --adam-eps 1e-6 --seed 1234"
 ).split()
 BIDIRECTIONAL = {"bitpipe", "bitpipe-official", "chimera"}
-STASH = re.compile(r"stashed activations per pipeline rank: measured (\[.*?\]), simulated (\[.*?\])")
 
 
-def launch(processes: int, arguments: list[str], timeout: int = 420) -> str:
-    """Run the trainer (torchrun for several processes) on MODEL; return its stdout."""
-    target = ["-m", "megatron_bitpipe.train", *MODEL, *arguments]
-    return succeeded(run(processes, target, timeout=timeout))
+def launch(processes: int, arguments: list[str], timeout: int = 420) -> Trained:
+    """Run the trainer (torchrun for several processes) on MODEL, with its report."""
+    return train(processes, [*MODEL, *arguments], timeout=timeout)
 
 
 def worst_relative(reference: dict, other: dict) -> float:
@@ -65,10 +55,12 @@ def worst_relative(reference: dict, other: dict) -> float:
 
 
 def assert_matches(
-    reference: dict, saved: dict, reference_log: str, log: str, schedule: str
+    reference: dict, saved: dict, reference_run: dict, entry: dict, schedule: str
 ) -> None:
-    assert logged_losses(log) == pytest.approx(logged_losses(reference_log), rel=1e-5), schedule
-    assert logged_grad_norms(log) == pytest.approx(logged_grad_norms(reference_log), rel=1e-5), schedule
+    """``saved`` (--save-params) and ``entry`` (its report) of ``schedule`` against the single
+    process's ``reference`` and ``reference_run``."""
+    assert losses(entry) == pytest.approx(losses(reference_run), rel=1e-5), schedule
+    assert grad_norms(entry) == pytest.approx(grad_norms(reference_run), rel=1e-5), schedule
     assert saved["lm_loss"] == pytest.approx(reference["lm_loss"], rel=1e-5), schedule
     assert saved["validation_lm_loss"] == pytest.approx(reference["validation_lm_loss"], rel=1e-5)
     if saved["first_gradients"]:
@@ -81,23 +73,41 @@ def assert_matches(
         bound = 1e-5 * float(value.abs().max()) + 1e-3 * LR
         assert float((value - found[name]).abs().max()) <= bound, f"{schedule}: {name}"
     if schedule in BIDIRECTIONAL:
-        assert "the replicas of every stage are bitwise identical" in log, schedule
+        assert entry["replicas_identical"], schedule
     if not schedule.startswith("megatron-"):
-        stash = STASH.search(log)
-        assert stash is not None and stash.group(1) == stash.group(2), schedule
+        stash = entry["stashed_activations"]
+        assert stash is not None and stash["measured"] == stash["simulated"], schedule
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory) -> dict[bool, tuple[dict, str]]:
-    """Single-process runs, tied and untied embeddings: (saved file, log)."""
+def references(tmp_path_factory) -> dict[bool, tuple[dict, Trained]]:
+    """Single-process runs, tied and untied embeddings: (saved file, the launch)."""
     folder = tmp_path_factory.mktemp("reference")
     result = {}
     for untied in (False, True):
         path = folder / f"untied{untied}.pt"
         extra = ["--untie-embeddings-and-output-weights"] if untied else []
-        log = launch(1, ["--pipeline-schedule", "none", "--save-params", str(path), *extra])
-        result[untied] = (torch.load(path), log)
+        trained = launch(1, ["--pipeline-schedule", "none", "--save-params", str(path), *extra])
+        result[untied] = (torch.load(path), trained)
     return result
+
+
+def test_the_report_holds_what_the_log_line_prints(references):
+    """``--report`` tells the run that Megatron-LM's log line prints, in full precision: the
+    same losses and grad norms (the line rounds them to 7 digits), the floats --save-params
+    keeps, and the run's settings."""
+    saved, trained = references[False]
+    entry = trained.only
+    assert trained.report["complete"] and entry["complete"]
+    assert len(losses(entry)) == 5 and len(step_ms(entry)) == 5
+    assert losses(entry) == pytest.approx(megatron_log.losses(trained.log), rel=1e-6)
+    assert grad_norms(entry) == pytest.approx(megatron_log.grad_norms(trained.log), rel=1e-6)
+    assert losses(entry) == saved["lm_loss"]
+    assert entry["validation_lm_loss"] == saved["validation_lm_loss"]
+    assert values(entry, "learning_rate") == pytest.approx([LR] * 5)
+    settings = trained.report["settings"]
+    assert settings["schedules"] == ["none"] and settings["world_size"] == 1
+    assert settings["num_microbatches"] == 8 and settings["global_batch_size"] == 16
 
 
 LAYOUTS = {
@@ -157,27 +167,27 @@ LAYOUTS = {
 def test_every_schedule_trains_like_one_process(layout, references, tmp_path):
     processes, arguments, names = LAYOUTS[layout]
     schedules = names.split()
-    reference, reference_log = references["--untie-embeddings-and-output-weights" in arguments]
+    reference, reference_run = references["--untie-embeddings-and-output-weights" in arguments]
     saved, trace = str(tmp_path / "{schedule}.pt"), str(tmp_path / "{schedule}.json")
     outputs = ["--save-params", saved, "--trace", trace]
-    log = launch(
+    trained = launch(
         processes, [*arguments.split(), "--pipeline-schedule", ",".join(schedules), *outputs]
     )
     if "replica-pairs" in arguments:
-        assert "run in process slots [0, 3, 2, 1]; launch rank of each global rank: [0, 3, 2, 1]" in log
-    by_schedule = sections(log)
-    assert list(by_schedule) == schedules
-    for schedule in schedules:
+        assert "run in process slots [0, 3, 2, 1]; launch rank of each global rank: [0, 3, 2, 1]" in trained.log
+    assert list(trained.schedules) == schedules
+    for schedule, entry in trained.schedules.items():
         result = torch.load(saved.replace("{schedule}", schedule))
-        assert_matches(reference, result, reference_log, by_schedule[schedule], schedule)
+        assert_matches(reference, result, reference_run.only, entry, schedule)
         if not schedule.startswith("megatron-"):
-            assert Path(trace.replace("{schedule}", schedule)).stat().st_size > 0
+            traced = trace.replace("{schedule}", schedule)
+            assert Path(traced).stat().st_size > 0 and entry["trace"] == traced
 
 
 @pytest.fixture(scope="module")
-def half_precision_references() -> dict[str, str]:
-    """Single-process logs in bf16, and in fp16 with a loss scale that overflows twice."""
-    return {flag: launch(1, ["--pipeline-schedule", "none", *FLAGS[flag]]) for flag in FLAGS}
+def half_precision_references() -> dict[str, dict]:
+    """Single-process reports in bf16, and in fp16 with a loss scale that overflows twice."""
+    return {flag: launch(1, ["--pipeline-schedule", "none", *FLAGS[flag]]).only for flag in FLAGS}
 
 
 FLAGS = {
@@ -188,7 +198,7 @@ FLAGS = {
 
 def test_bf16_trains_close_to_fp32_on_one_process(references, half_precision_references):
     """bf16 (Float16Module + megatron's fp32 main-param optimizer) tracks the fp32 run."""
-    bf16, fp32 = logged_losses(half_precision_references["bf16"]), logged_losses(references[False][1])
+    bf16, fp32 = losses(half_precision_references["bf16"]), losses(references[False][1].only)
     assert len(bf16) == len(fp32) == 5
     assert bf16 == pytest.approx(fp32, rel=1e-2)
     assert bf16 != fp32  # bf16 really ran: its rounding shows in the losses
@@ -199,32 +209,35 @@ def test_bf16_at_pp4_tracks_the_bf16_single_process_run_for_v_and_bidirectional(
 ):
     """Casts follow each chunk's own pre/post process: rank 3 of bitpipe holds middle stages."""
     schedules = ["bitpipe", "v-half", "chimera"]
-    log = launch(4, ["--pipeline-model-parallel-size", "4", "--bf16", "--pipeline-schedule", ",".join(schedules)])
-    expected = logged_losses(half_precision_references["bf16"])
-    for schedule, part in sections(log).items():
-        assert logged_losses(part) == pytest.approx(expected, rel=1e-2), schedule
-        assert "bitwise identical" in part or schedule == "v-half"
+    trained = launch(4, ["--pipeline-model-parallel-size", "4", "--bf16", "--pipeline-schedule", ",".join(schedules)])
+    expected = losses(half_precision_references["bf16"])
+    assert list(trained.schedules) == schedules
+    for schedule, entry in trained.schedules.items():
+        assert losses(entry) == pytest.approx(expected, rel=1e-2), schedule
+        assert entry["replicas_identical"] or schedule == "v-half"
 
 
 def test_fp16_skips_the_same_iterations_as_one_process_on_both_replicas(half_precision_references):
     """Dynamic loss scaling: overflowing steps are skipped on every rank alike (the replicas
     stay bitwise identical) and the scale falls as on one process."""
     reference = half_precision_references["fp16"]
-    skipped = SKIPPED.findall(reference)
-    assert skipped[:3] == ["1", "1", "0"]  # the test sees skips and updates
-    log = launch(4, ["--pipeline-model-parallel-size", "4", *FLAGS["fp16"], "--pipeline-schedule", "bitpipe,chimera"])
-    for schedule, part in sections(log).items():
-        assert SKIPPED.findall(part) == skipped, schedule
-        assert logged_losses(part) == pytest.approx(logged_losses(reference), rel=1e-4), schedule
-        assert "the replicas of every stage are bitwise identical" in part, schedule
+    skipped = values(reference, "skipped")
+    assert skipped[:3] == [True, True, False]  # the test sees skips and updates
+    trained = launch(4, ["--pipeline-model-parallel-size", "4", *FLAGS["fp16"], "--pipeline-schedule", "bitpipe,chimera"])
+    assert list(trained.schedules) == ["bitpipe", "chimera"]
+    for schedule, entry in trained.schedules.items():
+        assert values(entry, "skipped") == skipped, schedule
+        assert values(entry, "loss_scale") == values(reference, "loss_scale"), schedule
+        assert losses(entry) == pytest.approx(losses(reference), rel=1e-4), schedule
+        assert entry["replicas_identical"], schedule
 
 
 def test_clipping_counts_each_stage_once_with_two_replicas(tmp_path):
     """--clip-grad 0.05 clips every step (the norm is ~1.5): the plain optimizer sees both
     replicas in its norm group, the distributed one shards each stage over the replica pair."""
     clip = ["--clip-grad", "0.05"]
-    reference = launch(1, ["--pipeline-schedule", "none", *clip])
-    assert min(logged_grad_norms(reference)) > 0.05
+    reference = launch(1, ["--pipeline-schedule", "none", *clip]).only
+    assert min(grad_norms(reference)) > 0.05
     runs = {
         "pp4": launch(4, ["--pipeline-model-parallel-size", "4", *clip, "--pipeline-schedule", "bitpipe,chimera"]),
         "dp2-pp2-distributed-optimizer": launch(
@@ -235,11 +248,10 @@ def test_clipping_counts_each_stage_once_with_two_replicas(tmp_path):
             ],
         ),
     }
-    for layout, log in runs.items():
-        parts = sections(log) or {"bitpipe": log}
-        for schedule, part in parts.items():
-            assert logged_grad_norms(part) == pytest.approx(logged_grad_norms(reference), rel=1e-5), (layout, schedule)
-            assert logged_losses(part) == pytest.approx(logged_losses(reference), rel=1e-5), (layout, schedule)
+    for layout, trained in runs.items():
+        for schedule, entry in trained.schedules.items():
+            assert grad_norms(entry) == pytest.approx(grad_norms(reference), rel=1e-5), (layout, schedule)
+            assert losses(entry) == pytest.approx(losses(reference), rel=1e-5), (layout, schedule)
 
 
 def test_steps_make_no_host_sync_and_hold_megatrons_memory():
@@ -249,26 +261,27 @@ def test_steps_make_no_host_sync_and_hold_megatrons_memory():
     schedules = [
         "1f1b", "megatron-1f1b", "interleaved-1f1b", "megatron-interleaved", "bitpipe", "chimera", "v-zb",
     ]
-    log = launch(
+    trained = launch(
         4,
         [
             "--pipeline-model-parallel-size", "4", "--virtual-pipeline-model-parallel-size", "2",
             "--check-host-syncs", "--measure-memory", "--pipeline-schedule", ",".join(schedules),
         ],
     )
-    parts = sections(log)
-    assert list(parts) == schedules
-    for schedule, part in parts.items():
-        assert "host syncs in the step (iterations 2-5): none" in part, schedule
+    entries = trained.schedules
+    assert list(entries) == schedules
+    for schedule, entry in entries.items():
+        assert entry["host_syncs"] == 0, schedule
     for ours, theirs in (("1f1b", "megatron-1f1b"), ("interleaved-1f1b", "megatron-interleaved")):
-        peak, held = logged_list(PEAK, parts[ours]), logged_list(HELD, parts[ours])
-        reference = logged_list(PEAK, parts[theirs])
+        peak, held = entries[ours]["peak_memory_bytes"], entries[ours]["held_send_bytes"]
+        reference = entries[theirs]["peak_memory_bytes"]
         for rank in range(4):
             assert 0.95 * reference[rank] <= peak[rank] <= reference[rank] + held[rank], (ours, rank)
 
 
 def test_bf16_and_fp16_exclude_each_other_before_any_process_group():
-    from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+    from megatron_bitpipe.run_plan import ArgumentsError, validate_args
+    from megatron_bitpipe.train_args import build_parser
 
     args = build_parser().parse_args([*MODEL, "--pipeline-model-parallel-size", "2", "--bf16", "--fp16"])
     with pytest.raises(ArgumentsError, match="--bf16 and --fp16 exclude each other"):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_bitpipe.train import ArgumentsError, build_parser, validate_args
+from megatron_bitpipe.run_plan import ArgumentsError, validate_args
+from megatron_bitpipe.train_args import build_parser
 
 
 def plans(argv, world_size=4):
@@ -164,6 +165,8 @@ def test_layers_per_virtual_stage_gives_the_virtual_size():
 
 
 def test_the_command_line_reports_an_error_without_starting_processes():
+    """The command itself, in a process of its own with nothing on PATH to start: exit status 2
+    and one line (test_reliability checks every bad setting through ``main`` in-process)."""
     result = subprocess.run(
         [sys.executable, "-m", "megatron_bitpipe.train", "--pipeline-model-parallel-size", "2"],
         capture_output=True,
@@ -173,4 +176,6 @@ def test_the_command_line_reports_an_error_without_starting_processes():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 2
-    assert "world size 1 must be divisible" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatron_bitpipe.train: error: "), lines
+    assert "world size 1 must be divisible" in lines[0]

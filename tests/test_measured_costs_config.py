@@ -217,7 +217,7 @@ def test_recommend_takes_its_costs_from_the_file(files, capsys):
 
 
 def test_bench_simulated_column_takes_its_costs_from_the_file(files):
-    from megatron_bitpipe.train import build_parser
+    from megatron_bitpipe.train_args import build_parser
 
     trainer = ("--pipeline-model-parallel-size 4 --num-layers 8 --hidden-size 64 --num-attention-heads 4 "
                "--seq-length 32 --max-position-embeddings 32 --micro-batch-size 1 --global-batch-size 8 "

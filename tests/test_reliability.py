@@ -19,7 +19,10 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from runs import REPO, logged_losses, run, succeeded
+from runs import REPO, Trained
+from runs import train as train_reported
+
+from megatron_bitpipe.run_report import losses
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -166,10 +169,9 @@ def test_a_rank_that_dies_or_stops_makes_every_other_rank_exit_within_the_deadli
 # --- settings, outputs, NaN, replicas, resume ------------------------------------------------------
 
 
-def train(processes: int, *extra: str, fault: str | None = None, check: bool = True):
+def train(processes: int, *extra: str, fault: str | None = None, check: bool = True) -> Trained:
     env = {"MEGATRON_BITPIPE_FAULT": fault} if fault else None
-    result = run(processes, ["-m", "megatron_bitpipe.train", *extra], env=env)
-    return succeeded(result) if check else result
+    return train_reported(processes, list(extra), env=env, check=check)
 
 
 BAD_SETTINGS = [
@@ -188,6 +190,7 @@ BAD_SETTINGS = [
     (["--step-timeout-seconds", "0"], "--step-timeout-seconds 0.0: must be a finite number > 0"),
     (["--distributed-timeout-minutes", "nan"], "--distributed-timeout-minutes nan: must be a finite"),
     (["--trace", "out.png"], "--trace out.png: the name must end in .json"),
+    (["--report", "run.txt"], "--report run.txt: the name must end in .json"),
     (["--trace", "/proc/nope/trace.json"], "--trace /proc/nope/trace.json: cannot write there"),
     (["--save-params", "/proc/nope/p.pt"], "--save-params /proc/nope/p.pt: cannot write there"),
     (["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "bitpipe",
@@ -201,96 +204,121 @@ BAD_SETTINGS = [
 ]
 
 
+def trainer_status(monkeypatch, argv: list[str], *, world: str = "1", training=None) -> int:
+    """``megatron_bitpipe.train.main(argv)`` in this process, as rank 0 of ``world`` ranks (the
+    variables torchrun sets, so main sets none), with ``training(args, plans)`` in place of the
+    training itself (by default: the test fails); its exit status."""
+    from megatron_bitpipe import train as trainer
+    from megatron_bitpipe.mcore import training as mcore_training
+    from megatron_bitpipe.scale.bench import PIN_VARIABLE
+
+    def must_not_train(args, plans):
+        raise AssertionError("the trainer got past its checks to the training")
+
+    monkeypatch.setattr(mcore_training, "run", training or must_not_train)
+    for name, value in {"WORLD_SIZE": world, "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(PIN_VARIABLE, raising=False)  # the pinning is the process's, not the test's
+    try:
+        return trainer.main(argv)
+    except SystemExit as stopped:
+        return stopped.code
+
+
 @pytest.mark.parametrize("extra,message", BAD_SETTINGS, ids=[" ".join(e) for e, _ in BAD_SETTINGS])
-def test_every_bad_setting_is_one_line_naming_it_before_any_process_group(extra, message):
+def test_every_bad_setting_is_one_line_naming_it_before_any_process_group(extra, message, monkeypatch,
+                                                                           capsys, tmp_path):
     """``--world N`` in the table is the WORLD_SIZE the command runs under (default 1)."""
     world = extra[extra.index("--world") + 1] if "--world" in extra else "1"
     extra = [token for index, token in enumerate(extra)
              if token != "--world" and (index == 0 or extra[index - 1] != "--world")]
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_bitpipe.train", *extra],
-        cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(REPO)}, timeout=120,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    assert trainer_status(monkeypatch, extra, world=world) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("megatron_bitpipe.train: error: "), lines
     assert message in lines[0]
 
 
-def test_missing_output_folders_are_created_before_training(tmp_path):
+def test_missing_output_folders_are_created_before_training(tmp_path, monkeypatch):
     trace = tmp_path / "new" / "folder" / "trace.json"
     saved = tmp_path / "other" / "params.pt"
-    train(2, *MODEL, "--trace", str(trace), "--save-params", str(saved))
-    assert trace.stat().st_size > 0 and trace.with_suffix(".png").exists() and saved.exists()
+    folders_at_the_start = []
+
+    def training(args, plans):
+        folders_at_the_start.append((trace.parent.is_dir(), saved.parent.is_dir()))
+        return 0
+
+    argv = [*MODEL, "--trace", str(trace), "--save-params", str(saved)]
+    assert trainer_status(monkeypatch, argv, world="2", training=training) == 0
+    assert folders_at_the_start == [(True, True)]
 
 
 def test_a_nan_loss_skips_that_step_on_every_rank_and_is_counted():
     """A NaN in one microbatch's loss (on the rank that computes it): the step is skipped on
     both replicas, counted as Megatron counts it, and training goes on from the same weights."""
-    clean = logged_losses(train(2, *MODEL, "--train-iters", "4"))
-    log = train(2, *MODEL, "--train-iters", "4", "--pipeline-schedule", "bitpipe,chimera,1f1b",
-                fault="nan@loss:iteration=2:microbatch=3")
-    for schedule, part in _sections(log).items():
-        assert " iteration 2: lm loss nan is not finite: the update is skipped on every rank" in part
-        lines = [line for line in part.splitlines() if "elapsed time per iteration" in line]
-        assert len(lines) == 4, part
-        assert "lm loss: NAN" in lines[1] and "number of nan iterations:   1" in lines[1]
-        assert "number of skipped iterations:   1" in lines[1]
-        first, third, fourth = logged_losses(part)  # iteration 2 printed NAN
+    clean = losses(train(2, *MODEL, "--train-iters", "4").only)
+    faulted = train(2, *MODEL, "--train-iters", "4", "--pipeline-schedule", "bitpipe,chimera,1f1b",
+                    fault="nan@loss:iteration=2:microbatch=3")
+    said = " iteration 2: lm loss nan is not finite: the update is skipped on every rank"
+    assert faulted.log.count(said) == 3
+    assert faulted.log.count("lm loss: NAN |") == 3  # Megatron's line, which counts it
+    assert faulted.log.count("number of skipped iterations:   1 | number of nan iterations:   1 |") == 3
+    assert list(faulted.schedules) == ["bitpipe", "chimera", "1f1b"]
+    for schedule, entry in faulted.schedules.items():
+        iterations = entry["iterations"]
+        assert len(iterations) == 4, schedule
+        assert iterations[1]["lm_loss"] is None and iterations[1]["nan"] and iterations[1]["skipped"]
+        first, third, fourth = losses(entry)  # iteration 2's is not finite
         assert first == pytest.approx(clean[0], rel=1e-6)
         # iteration 3 starts from iteration 1's weights (2's update was skipped), finite
         assert third != pytest.approx(clean[2], rel=1e-6) and 4.0 < third < 4.3, schedule
         assert 4.0 < fourth < 4.3, schedule
-        if schedule != "1f1b":
-            assert "the replicas of every stage are bitwise identical" in part
+        assert entry["replicas_identical"] or schedule == "1f1b"
 
 
 def test_exit_on_nan_stops_with_the_iteration_and_the_loss():
-    result = train(2, *MODEL, "--exit-on-nan", fault="nan@loss:iteration=2:microbatch=1", check=False)
+    result = train(2, *MODEL, "--exit-on-nan", fault="nan@loss:iteration=2:microbatch=1", check=False).result
     assert result.returncode != 0
     assert "iteration 2: lm loss nan is not finite; stopping (--exit-on-nan)" in result.stderr
 
 
 def test_replica_check_catches_a_perturbed_copy_and_names_the_stage():
-    quiet = train(2, *MODEL, "--check-replicas-every", "1")
+    quiet = train(2, *MODEL, "--check-replicas-every", "1").log
     assert quiet.count("the copies of every stage are bitwise identical") == 3
     result = train(2, *MODEL, "--check-replicas-every", "2", fault="perturb@parameters:rank=1:iteration=2",
-                   check=False)
+                   check=False).result
     assert result.returncode != 0
     assert "iteration 2: stage " in result.stderr and "differs between the ranks [0, 1]" in result.stderr
 
 
 def test_training_killed_mid_run_resumes_from_the_last_checkpoint_bitwise(tmp_path):
     """4 ranks of bitpipe, checkpoints every 2 iterations, rank 2 killed at iteration 5: the
-    restart from iteration 4 prints the losses of the uninterrupted run, bit for bit."""
+    restart from iteration 4 reports the losses of the uninterrupted run, bit for bit (the killed
+    run's report holds the iterations it logged)."""
     arguments = [*MODEL, "--pipeline-model-parallel-size", "4", "--global-batch-size", "16",
                  "--num-layers", "8", "--train-iters", "6"]
-    uninterrupted = logged_losses(train(4, *arguments))
+    uninterrupted = losses(train(4, *arguments).only)
     folder = tmp_path / "checkpoints"
     crashed = train(4, *arguments, "--save", str(folder), "--save-interval", "2",
                     fault="kill@step:rank=2:iteration=5", check=False)
-    assert crashed.returncode != 0
+    assert crashed.result.returncode != 0
+    assert crashed.report is not None and not crashed.report["complete"]
     assert (folder / "latest_checkpointed_iteration.txt").read_text() == "4"
     resumed = train(4, *arguments, "--load", str(folder), "--save", str(folder), "--save-interval", "2")
-    assert logged_losses(crashed.stdout)[:4] + logged_losses(resumed) == uninterrupted
+    assert [record["iteration"] for record in resumed.only["iterations"]] == [5, 6]
+    assert losses(crashed.only)[:4] + losses(resumed.only) == uninterrupted
 
 
 def test_a_checkpoint_cut_short_is_never_the_one_loaded(tmp_path):
     folder = tmp_path / "checkpoints"
     result = train(2, *MODEL, "--save", str(folder), "--save-interval", "1",
-                   fault="kill@save:rank=1:iteration=2", check=False)
+                   fault="kill@save:rank=1:iteration=2", check=False).result
     assert result.returncode != 0
     assert (folder / "iter_0000002").exists()
     assert (folder / "latest_checkpointed_iteration.txt").read_text() == "1"
-    resumed = train(2, *MODEL, "--load", str(folder))
+    resumed = train(2, *MODEL, "--load", str(folder)).log
     assert "loaded checkpoint from" in resumed and "at iteration 1" in resumed
-
-
-def _sections(log: str) -> dict[str, str]:
-    from runs import sections
-
-    return sections(log)
 
 
 def test_fault_specs_are_read_strictly():
@@ -354,10 +382,14 @@ CLI_REFUSALS = [
 
 
 @pytest.mark.parametrize("argv,message", CLI_REFUSALS, ids=[argv[0] for argv, _ in CLI_REFUSALS])
-def test_the_planning_cli_refuses_in_one_line_and_status_2(argv, message):
+def test_the_planning_cli_refuses_in_one_line_and_status_2(argv, message, capsys):
+    from megatron_bitpipe import cli
+
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "megatron_bitpipe", *argv], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and time.monotonic() - started < 30
-    lines = result.stderr.strip().splitlines()
+    try:
+        status = cli.main(argv)
+    except SystemExit as stopped:
+        status = stopped.code
+    assert status == 2 and time.monotonic() - started < 30
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines

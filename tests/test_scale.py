@@ -7,6 +7,7 @@ Planning tests need no torch; three tests start real CPU runs (launch --local, b
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import shlex
 import shutil
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from megatron_bitpipe import cli
-from megatron_bitpipe.scale import config, cost_model, rank_order, recommend, slurm, sweep
+from megatron_bitpipe.scale import config, cost_model, recommend, slurm, sweep
 from megatron_bitpipe.scale.config import ConfigError, Layout
+from megatron_bitpipe.schedules import rank_order
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -368,6 +370,7 @@ def fake_sbatch(tmp_path, monkeypatch) -> Path:
     return record
 
 
+@pytest.mark.multiprocess  # the package starts sbatch (tests/tiers.py reads only tests/)
 def test_launch_and_sweep_submit_hand_each_script_to_sbatch(tmp_path, fake_sbatch, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["launch", str(launch_file(tmp_path)), "--slurm", "--submit"]) == 0
@@ -403,7 +406,7 @@ def cpu_run(*arguments: str, timeout: int = 600) -> str:
 
 
 needs_megatron = pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import megatron.core"], capture_output=True).returncode != 0,
+    importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None,
     reason="megatron-core is not installed")
 
 

@@ -20,6 +20,12 @@ fails (``Invalid access pattern``). ``follow_placement`` therefore also installs
 process, ``_one_main_copy_per_shard`` around that marking: of several local tensors of a shard
 it keeps as main only the one that was main before (the copy's twin), the others replicas.
 
+The distributed optimizer's buckets (its ``dp_reshardable`` format, Megatron-LM's default) are
+keyed by the rank's model-parallel index; the two replicas of a stage shard one optimizer state
+over the pair, so ``share_optimizer_keys_with_replicas`` gives both the pair's index (else each
+writes half of a bucket under its own key: ``Failed to validate global plan ... out of bounds
+chunk``).
+
 A checkpoint therefore loads under any other schedule, PP and placement, megatron's own included.
 ``follow_placement`` installs this on a chunk (``build_chunks`` calls it);
 ``save_checkpoint`` / ``load_checkpoint`` write and read one in Megatron-LM's layout
@@ -89,6 +95,33 @@ def _as_replica(value: Any) -> Any:
         else:
             value.replica_id = (replica_id[0] + REPLICA_OFFSET, *replica_id[1:])
     return value
+
+
+def share_optimizer_keys_with_replicas(optimizer: Any, placement: Placement) -> None:
+    """Key the distributed optimizer's checkpoint buckets by the replica pair, not the rank.
+
+    Both ranks of a pair take the index ``lower pipeline rank x TP + TP rank``, and the group the
+    state is sharded over (the buffers' group, replica pair x data parallel: megatron-core 0.16
+    keeps the data-parallel group alone, and writes overlapping shards). No-op without replicas.
+    """
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    replica = placement.replica_of(placement.rank_stages[pp_rank][0])
+    if replica is None:
+        return
+    partner = placement.rank_of(replica)
+    index = min(pp_rank, partner) * parallel_state.get_tensor_model_parallel_world_size()
+    index += parallel_state.get_tensor_model_parallel_rank()
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(inner, "data_parallel_group_idx"):
+            continue
+        inner.data_parallel_group_idx = index
+        sharded_over = {id(b.data_parallel_group): b.data_parallel_group for b in inner.buffers}
+        if len(sharded_over) != 1:
+            raise RuntimeError(
+                f"pipeline rank {pp_rank}: the distributed optimizer's buffers reduce over "
+                f"{len(sharded_over)} groups; a replica pair's checkpoint needs one"
+            )
+        inner.data_parallel_group = next(iter(sharded_over.values()))
 
 
 def _install_one_main_copy_per_shard() -> None:

@@ -3,7 +3,8 @@
 ``step_checks`` wraps a step with ``--measure-memory`` (the last iteration) and
 ``--check-host-syncs`` (from iteration 2: ``torch.cuda.set_sync_debug_mode("error")`` on a GPU
 and the call audit everywhere) and keeps what it found; ``report_memory`` and
-``report_host_syncs`` log it for every rank after training.
+``report_host_syncs`` log it for every rank after training (``report_memory`` also returns it,
+for ``--report``).
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ def step_checks(args: argparse.Namespace, iteration: int, findings: Findings) ->
             entry[0] += count
 
 
-def report_memory(findings: Findings, *, registry: bool) -> None:
-    """Every rank's peak step memory and, for our executor, its sends not yet known complete."""
-    log(f"peak activation memory per rank (bytes): {per_rank(findings.peak_memory)}")
+def report_memory(findings: Findings, *, registry: bool) -> tuple[list[Any], list[Any] | None]:
+    """Log and return every rank's peak step memory and, for our executor, its sends not yet
+    known complete (None for megatron's schedules)."""
+    peaks = per_rank(findings.peak_memory)
+    log(f"peak activation memory per rank (bytes): {peaks}")
     executor = forward_backward.last_executor()
+    held = None
     if registry and executor is not None and executor.p2p is not None:
         held = per_rank(executor.p2p.peak_held_bytes)
         log(f"of which sends not yet known complete, per rank (bytes): {held}")
+    return peaks, held
 
 
 def report_host_syncs(findings: Findings, schedule: str, train_iters: int) -> None:

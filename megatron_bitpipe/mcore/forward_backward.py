@@ -49,10 +49,10 @@ from megatron_bitpipe.schedules import (
     Kind,
     Placement,
     Schedule,
-    build,
     get,
     lower,
 )
+from megatron_bitpipe.schedules.choice import ScheduleChoice
 from megatron_bitpipe.schedules.lower import send_completions
 
 _PATCH_SITES = (
@@ -60,14 +60,6 @@ _PATCH_SITES = (
     "megatron.core.pipeline_parallel",
     "megatron.training.training",
 )
-
-
-@dataclass(frozen=True)
-class ScheduleChoice:
-    """The schedule ``get_forward_backward_func`` runs: a registry name and its options."""
-
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass
@@ -99,8 +91,11 @@ def tracing(enabled: bool = True, *, cpu_time: bool = False) -> Iterator[None]:
 def plan(
     choice: ScheduleChoice, num_ranks: int, num_microbatches: int
 ) -> tuple[Schedule, Schedule]:
-    """(compute-only, lowered) schedule; errors name the setting and the rule."""
-    schedule = build(choice.name, num_ranks, num_microbatches, **dict(choice.options))
+    """(compute-only, lowered) schedule: the choice's own build (made once); errors name the
+    setting and the rule."""
+    get(choice.name)  # megatron-core's own functions are not in the registry: refused here
+    schedule = choice.build(num_ranks, num_microbatches)
+    assert schedule is not None
     return schedule, lower(schedule, grad_sync=True)
 
 
@@ -399,10 +394,16 @@ def _finalize(
     tie_embedding_grads(chunks)
 
 
-def install(schedule: str = "bitpipe", **options: Any) -> None:
-    """Make megatron-core's get_forward_backward_func (and Megatron-LM's) return ours."""
-    get(schedule)
-    _STATE.choice = ScheduleChoice(schedule, tuple(sorted(options.items())))
+def install(schedule: str | ScheduleChoice = "bitpipe", **options: Any) -> ScheduleChoice:
+    """Make megatron-core's get_forward_backward_func (and Megatron-LM's) return ours, running
+    ``schedule`` (a choice, or a registry name with ``options``); returns the installed choice."""
+    choice = (
+        schedule
+        if isinstance(schedule, ScheduleChoice)
+        else ScheduleChoice(schedule, tuple(sorted(options.items())))
+    )
+    get(choice.name)
+    _STATE.choice = choice
 
     def get_forward_backward_func(*args: Any, **kwargs: Any) -> Callable[..., list[Any]]:
         return forward_backward_func
@@ -413,6 +414,7 @@ def install(schedule: str = "bitpipe", **options: Any) -> None:
             continue
         _STATE.originals.setdefault(module_name, module.get_forward_backward_func)
         module.get_forward_backward_func = get_forward_backward_func
+    return choice
 
 
 def uninstall() -> None:

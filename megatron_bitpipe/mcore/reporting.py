@@ -37,6 +37,19 @@ class IterationReport:
     nan: bool = False
     """The step's loss or a gradient was not finite (the update was skipped)."""
 
+    def record(self) -> dict[str, Any]:
+        """This iteration as ``--report`` holds it (``megatron_bitpipe.run_report``)."""
+        return {
+            "iteration": self.iteration,
+            "lm_loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "elapsed_ms": self.elapsed_ms,
+            "learning_rate": self.learning_rate,
+            "loss_scale": self.loss_scale,
+            "skipped": self.skipped,
+            "nan": self.nan,
+        }
+
     def line(self) -> str:
         """Megatron-LM's training log line (log interval 1)."""
         text = f" [{time.strftime('%Y-%m-%d %H:%M:%S')}]"

@@ -1,6 +1,7 @@
 """The megatron-core side of ``megatron_bitpipe.train``: groups, model, optimizer, the loop.
 
-``run(args, plans)`` takes arguments already checked by ``run_plan.validate_args``.
+``run(args, plans)`` takes arguments already checked by ``run_plan.validate_args``. With
+``--report`` the logging rank also writes the run's figures (``megatron_bitpipe.run_report``).
 """
 
 from __future__ import annotations
@@ -55,17 +56,20 @@ from megatron_bitpipe.mcore.precision import wrap_half_precision
 from megatron_bitpipe.mcore.reporting import (
     IterationReport,
     configure_logging,
+    is_logging_rank,
     log,
     per_rank,
     write_trace,
 )
 from megatron_bitpipe.run_plan import RunPlan
+from megatron_bitpipe.run_report import ReportWriter
 from megatron_bitpipe.runtime import faults
 from megatron_bitpipe.runtime.channels import CommunicatorSetupError
 from megatron_bitpipe.runtime.deadline import Deadline, PhaseError
 from megatron_bitpipe.runtime.errors import P2PError
+from megatron_bitpipe.runtime.rank_order import LAUNCH_RANK_VARIABLE
 from megatron_bitpipe.runtime.watchdog import exit_process
-from megatron_bitpipe.scale import rank_order
+from megatron_bitpipe.schedules import rank_order
 from megatron_bitpipe.schedules.simulate import peak_activations
 
 
@@ -138,17 +142,40 @@ def run(args: argparse.Namespace, plans: Sequence[RunPlan]) -> int:
             _init_distributed(args)
         configure_logging()
         _log_rank_order(args)
+        report = ReportWriter(args.report if is_logging_rank() else None, _report_settings(args, plans))
         for plan in plans:
             tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
             if len(plans) > 1:
                 log(f"schedule {plan.schedule}")
+            report.start_schedule(plan.schedule, dict(plan.schedule_options))
             with deadline.phase(f"set-up of {plan.schedule}: model and communicators", _setup_seconds(args)):
                 session = _build(args, plan, deadline)
-            _run_schedule(session)
+            _run_schedule(session, report)
+        report.finish()
     except ONE_LINE_ERRORS as error:
         exit_process(str(error).splitlines()[0])
     dist.destroy_process_group()
     return 0
+
+
+def _report_settings(args: argparse.Namespace, plans: Sequence[RunPlan]) -> dict[str, Any]:
+    """The run's settings as ``--report`` records them (shared by every schedule)."""
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return {
+        "world_size": plans[0].world_size,
+        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "data_parallel_size": plans[0].data_parallel_size,
+        "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
+        "num_microbatches": plans[0].num_microbatches,
+        "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size,
+        "seq_length": args.seq_length,
+        "train_iters": args.train_iters,
+        "eval_iters": args.eval_iters,
+        "precision": precision,
+        "schedules": [plan.schedule for plan in plans],
+    }
 
 
 def _setup_seconds(args: argparse.Namespace) -> float:
@@ -160,21 +187,26 @@ def _group_timeout(args: argparse.Namespace) -> timedelta:
     return timedelta(minutes=args.distributed_timeout_minutes)
 
 
-def _run_schedule(session: _Session) -> None:
+def _run_schedule(session: _Session, report: ReportWriter) -> None:
     """Train, evaluate, check the replicas, save; uninstall the schedule and destroy its
     channels afterwards (the next schedule of a comma list makes its own)."""
     args, plan = session.args, session.plan
-    losses, first_gradients = _train(session)
+    losses, first_gradients = _train(session, report)
     if plan.uses_registry:
-        _check_stash_against_simulation(session)
+        measured, simulated = _check_stash_against_simulation(session)
+        report.update(stashed_activations={"measured": measured, "simulated": simulated})
     if args.measure_memory:
-        diagnostics.report_memory(session.findings, registry=plan.uses_registry)
+        peaks, held = diagnostics.report_memory(session.findings, registry=plan.uses_registry)
+        report.update(peak_memory_bytes=peaks, held_send_bytes=held)
     if args.check_host_syncs:
         diagnostics.report_host_syncs(session.findings, plan.schedule, args.train_iters)
+        report.update(host_syncs=0)  # report_host_syncs raised at any
     validation = _evaluate(session) if args.eval_iters else None
+    report.update(validation_lm_loss=validation)
     assert_replicas_identical(session.model, session.groups)
     if plan.placement.num_pipelines > 1:
         log("the replicas of every stage are bitwise identical")
+        report.update(replicas_identical=True)
     if args.save_params:
         parameters = gather_to_first_rank(
             full_parameters(session.model, plan.placement, tied=session.tied)
@@ -191,24 +223,26 @@ def _run_schedule(session: _Session) -> None:
             torch.save(saved, plan.output_path(args.save_params))
     forward_backward.uninstall()
     release_communication()
+    report.finish_schedule()
 
 
-def _check_stash_against_simulation(session: _Session) -> None:
-    """The most activations any rank stashed in the last step equals the simulator's prediction."""
+def _check_stash_against_simulation(session: _Session) -> tuple[list[int], list[int]]:
+    """The most activations each pipeline rank stashed in the last step, measured and simulated;
+    raise unless they are equal."""
     plan = session.plan
-    choice = forward_backward.ScheduleChoice(plan.schedule, tuple(plan.schedule_options))
-    schedule, _ = forward_backward.plan(choice, plan.placement.num_ranks, plan.num_microbatches)
+    assert plan.built is not None
     executor = forward_backward.last_executor()
     assert executor is not None
     measured = per_rank(
         executor.peak_live_activations, parallel_state.get_pipeline_model_parallel_group()
     )
-    simulated = list(peak_activations(schedule))
+    simulated = list(peak_activations(plan.built))
     log(f"stashed activations per pipeline rank: measured {measured}, simulated {simulated}")
     if measured != simulated:
         raise RuntimeError(
             f"{plan.schedule}: measured stash peaks {measured} differ from the simulated {simulated}"
         )
+    return measured, simulated
 
 
 def _build(args: argparse.Namespace, plan: RunPlan, deadline: Deadline) -> _Session:
@@ -250,8 +284,9 @@ def _build(args: argparse.Namespace, plan: RunPlan, deadline: Deadline) -> _Sess
     return _Session(args, plan, model, optimizer, groups, step, deadline)
 
 
-def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Every iteration's reported loss, and (for --save-params) iteration 1's gradients."""
+def _train(session: _Session, report: ReportWriter) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Every iteration's reported loss, and (for --save-params) iteration 1's gradients; each
+    logged iteration also goes to ``report``."""
     args, plan = session.args, session.plan
     start = 0
     if args.load:
@@ -295,7 +330,7 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if loss is not None:
             losses.append(loss)
-        report = IterationReport(
+        logged = IterationReport(
             iteration=iteration,
             train_iters=args.train_iters,
             global_batch_size=args.global_batch_size,
@@ -307,9 +342,11 @@ def _train(session: _Session) -> tuple[list[float], dict[str, torch.Tensor]]:
             skipped=not updated,
             nan=not finite,
         )
-        log(report.line())
+        log(logged.line())
         if traced:
             _write_trace(plan.output_path(args.trace), trace_origin, plan)
+            report.update(trace=plan.output_path(args.trace))
+        report.add_iteration(logged.record())
         if profiled:
             profiled_steps.append(_profiled_step(session, iteration, trace_origin, optimizer_s, elapsed_ms / 1e3))
             if iteration == _profiled_iteration(args):
@@ -350,7 +387,7 @@ def _log_rank_order(args: argparse.Namespace) -> None:
     if order != rank_order.CONSECUTIVE:
         pp = args.pipeline_model_parallel_size
         slots = [rank_order.slot_of(rank, pp, order) for rank in range(pp)]
-        launched = per_rank(int(os.environ.get(rank_order.LAUNCH_RANK_VARIABLE, dist.get_rank())))
+        launched = per_rank(int(os.environ.get(LAUNCH_RANK_VARIABLE, dist.get_rank())))
         log(
             f"pipeline rank order {order}: pipeline ranks 0-{pp - 1} run in process slots {slots}; "
             f"launch rank of each global rank: {launched}"
@@ -382,7 +419,9 @@ def _transformer_config(args: argparse.Namespace, plan: RunPlan) -> TransformerC
     if plan.uses_registry:
         virtual_size = StageLayout(plan.placement, args.num_layers).virtual_size()
     interleaved_on_two = (
-        plan.schedule == "megatron-interleaved" and args.pipeline_model_parallel_size == 2
+        plan.choice.is_megatron
+        and plan.choice.takes_virtual_size
+        and args.pipeline_model_parallel_size == 2
     )
     settings: dict[str, Any] = dict(
         num_layers=args.num_layers,
@@ -440,13 +479,15 @@ def _optimizer(args: argparse.Namespace, model: list[Any], plan: RunPlan) -> Any
     # The two replicas of a stage gather parameters in one shared order: stage position.
     placement = plan.placement
     ordered = sorted(model, key=lambda chunk: placement.position(unwrap(chunk).bitpipe_stage))
-    return get_megatron_optimizer(config, ordered)
+    optimizer = get_megatron_optimizer(config, ordered)
+    checkpointing.share_optimizer_keys_with_replicas(optimizer, placement)
+    return optimizer
 
 
 def _forward_backward_func(plan: RunPlan) -> Callable[..., list[Any]]:
     """Ours through the installed hook, or megatron's own for megatron-* and none."""
     if plan.uses_registry:
-        forward_backward.install(plan.schedule, **dict(plan.schedule_options))
+        forward_backward.install(plan.choice)
         return mcore_pipeline_parallel.get_forward_backward_func()
     return mcore_schedules.get_forward_backward_func(plan.placement.num_ranks, plan.virtual_size)
 

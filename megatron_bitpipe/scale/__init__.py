@@ -2,5 +2,5 @@
 
 Planning only (no torch): ``config`` loads YAML, ``cost_model`` turns a model, a cluster and a
 layout into simulator costs and a memory estimate, ``sweep`` and ``recommend`` search layouts,
-``slurm`` writes job scripts and ``rank_order`` places replica pairs on one node.
+``slurm`` writes job scripts.
 """

@@ -3,25 +3,24 @@
 ``run_schedules`` starts ``python -m megatron_bitpipe.train`` once for several schedules (they run
 one after the other in one process group, same weights and data), with ``--measure-memory``, each
 rank pinned to its own cores where the ranks fit (``OMP_NUM_THREADS`` = cores per rank), and
-returns per schedule the step times between the first (warm-up) iteration and the last (whose
-memory is measured, on CPU under torch's profiler) and each rank's peak activation memory.
+returns, from the run's ``--report``, per schedule the step times between the first (warm-up)
+iteration and the last (whose memory is measured, on CPU under torch's profiler) and each rank's
+peak activation memory.
 ``megatron-bitpipe bench``, ``sweep --run-local`` and ``scripts/gpu_check.py`` use it.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-STEP = re.compile(r"elapsed time per iteration \(ms\): ([0-9.]+)")
-PEAK = re.compile(r"peak activation memory per rank \(bytes\): \[(.*?)\]")
-SECTION = re.compile(r"^schedule (\S+)$", re.MULTILINE)
+from megatron_bitpipe import run_report
 
 
 @dataclass(frozen=True)
@@ -94,29 +93,37 @@ def run_repeated(processes: int, schedules: Sequence[str], arguments: Sequence[s
     return runs
 
 
-def trainer_command(processes: int, schedules: Sequence[str], arguments: Sequence[str]) -> list[str]:
-    """torchrun (or one process) running the trainer on ``schedules`` with ``arguments``."""
+def trainer_command(processes: int, schedules: Sequence[str], arguments: Sequence[str],
+                    report: str) -> list[str]:
+    """torchrun (or one process) running the trainer on ``schedules`` with ``arguments``,
+    writing its ``--report`` to ``report``."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     return [*launcher, "-m", "megatron_bitpipe.train", *arguments,
-            "--pipeline-schedule", ",".join(schedules), "--measure-memory"]
+            "--pipeline-schedule", ",".join(schedules), "--measure-memory", "--report", report]
 
 
 def run_schedules(processes: int, schedules: Sequence[str], arguments: Sequence[str], tokens_per_step: int,
                   *, timeout: float = 1800) -> dict[str, Measured]:
     """Run the trainer once for ``schedules``; raise BenchError when it fails."""
-    command = trainer_command(processes, schedules, arguments)
     cores = usable_cores()
     threads = max(1, cores // processes)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     if processes <= cores:
         environment[PIN_VARIABLE] = "1"
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
-    log = result.stdout + result.stderr
-    if result.returncode != 0:
-        raise BenchError(f"{' '.join(command)} exited {result.returncode}: {_failure_lines(log)}")
-    return parse(log, schedules, tokens_per_step)
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        report_path = os.path.join(folder, "report.json")
+        command = trainer_command(processes, schedules, arguments, report_path)
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+        log = result.stdout + result.stderr
+        if result.returncode != 0:
+            raise BenchError(f"{' '.join(command)} exited {result.returncode}: {_failure_lines(log)}")
+        try:
+            report = run_report.read(report_path)
+        except run_report.ReportError as error:
+            raise BenchError(str(error)) from None
+    return parse(report, schedules, tokens_per_step)
 
 
 def _failure_lines(log: str, tail: int = 2000) -> str:
@@ -126,23 +133,18 @@ def _failure_lines(log: str, tail: int = 2000) -> str:
     return f"{head}\n...\n{log[-tail:]}" if head else log[-tail:]
 
 
-def sections(log: str) -> dict[str, str]:
-    """A trainer log of several schedules, split at its ``schedule NAME`` lines."""
-    parts = SECTION.split(log)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
-
-
-def parse(log: str, schedules: Sequence[str], tokens_per_step: int) -> dict[str, Measured]:
-    """Per schedule of a trainer log: step times between warm-up and the last iteration, peak memory."""
-    by_schedule = sections(log) if len(schedules) > 1 else {schedules[0]: log}
+def parse(report: Mapping[str, Any], schedules: Sequence[str], tokens_per_step: int) -> dict[str, Measured]:
+    """Per schedule of a trainer's ``--report``: step times between warm-up and the last
+    iteration, peak memory; BenchError when a schedule lacks them."""
+    by_schedule = run_report.by_schedule(report)
     measured = {}
     for schedule in schedules:
-        text = by_schedule.get(schedule, "")
-        steps = [float(value) for value in STEP.findall(text)]
-        peak = PEAK.search(text)
+        entry = by_schedule.get(schedule, {"iterations": [], "peak_memory_bytes": None})
+        steps = run_report.step_ms(entry)
+        peak = entry["peak_memory_bytes"]
         if len(steps) < 3 or peak is None:
-            raise BenchError(f"{schedule}: the log has {len(steps)} iterations and "
-                             f"{'a' if peak else 'no'} memory line; give --train-iters >= 3")
-        peaks = tuple(int(value) for value in peak.group(1).split(",") if value.strip() not in ("", "None"))
+            raise BenchError(f"{schedule}: the report has {len(steps)} iterations and "
+                             f"{'a' if peak else 'no'} peak memory; give --train-iters >= 3")
+        peaks = tuple(int(value) for value in peak if value is not None)
         measured[schedule] = Measured(schedule, tuple(steps[1:-1]), peaks or (0,), tokens_per_step)
     return measured

@@ -21,10 +21,12 @@ from typing import Any, Sequence
 from megatron_bitpipe.scale import measured_costs
 from megatron_bitpipe.scale.bench import Measured
 from megatron_bitpipe.schedules import registry
+from megatron_bitpipe.schedules.choice import MEGATRON_FUNCTIONS
 
-MEGATRON_ORDERS = {"megatron-1f1b": "1f1b", "megatron-interleaved": "interleaved-1f1b"}
+MEGATRON_ORDERS = {name: spec.twin for name, spec in MEGATRON_FUNCTIONS.items() if spec.twin}
 """megatron-core's own schedules and the registry schedule running the same order."""
-REFERENCES = ("megatron-interleaved", "megatron-1f1b")
+REFERENCES = tuple(reversed(MEGATRON_ORDERS))
+"""The schedules every row is compared with (a vs_ column each), interleaved first."""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+from megatron_bitpipe import train_args
 from megatron_bitpipe.scale import bench, bench_report, config, measured_costs, recommend, slurm, sweep
 from megatron_bitpipe.scale.cost_model import GIB, Prediction, predict
-from megatron_bitpipe.schedules import registry
+from megatron_bitpipe.schedules.choice import ScheduleChoice
+from megatron_bitpipe.schedules.choice import parse as choice_list
 
 TRAINER_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
                  "micro_batch_size", "global_batch_size")
@@ -255,13 +257,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from megatron_bitpipe.train import build_parser as trainer_parser
-
     if args.repeat < 1:
         raise ValueError(f"--repeat {args.repeat} must be >= 1")
     trainer_args = list(args.passthrough)
-    known, _ = trainer_parser().parse_known_args(trainer_args)
-    schedules = [name.strip() for name in args.pipeline_schedule.split(",") if name.strip()]
+    known, _ = train_args.build_parser().parse_known_args(trainer_args)
+    schedules = [choice.name for choice in choice_list(args.pipeline_schedule)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokens = known.global_batch_size * known.seq_length
@@ -315,7 +315,8 @@ def _simulated(args: argparse.Namespace, known: argparse.Namespace, schedules: l
     found = {}
     vp = known.virtual_pipeline_model_parallel_size
     for name in schedules:
-        takes_vp = name in registry.names() and "vp" in registry.get(name).options
+        choice = ScheduleChoice(name)
+        takes_vp = choice.uses_registry and choice.takes_virtual_size
         layout = config.Layout(name, pp, tp, dp, vp if takes_vp else None)
         prediction = predict(model, cluster, layout, microbatches)
         if prediction.invalid is None:

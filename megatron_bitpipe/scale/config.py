@@ -19,6 +19,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from megatron_bitpipe.schedules.choice import ScheduleChoice
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 LAUNCHERS = ("megatron-lm", "trainer")
 RANK_ORDERS = ("consecutive", "replica-pairs")
@@ -159,7 +161,8 @@ class Layout:
     """One parallel layout of a model: what a launch or a sweep point runs."""
 
     schedule: str
-    """A registry schedule (megatron-bitpipe simulate --help lists them) or megatron-1f1b / megatron-interleaved."""
+    """A registry schedule (megatron-bitpipe simulate --help lists them) or one of megatron-core's own
+    (``schedules.choice.MEGATRON_FUNCTIONS``); ``choice`` is the parsed value."""
     pipeline_parallel: int
     """Pipeline ranks D (--pipeline-model-parallel-size)."""
     tensor_parallel: int = 1
@@ -181,6 +184,11 @@ class Layout:
         """The registry options this layout sets."""
         chosen = {"vp": self.virtual_stages, "max_inflight": self.max_inflight}
         return {key: value for key, value in chosen.items() if value is not None}
+
+    @property
+    def choice(self) -> ScheduleChoice:
+        """The schedule with this layout's options (a new value each time: its build is not kept)."""
+        return ScheduleChoice(self.schedule, tuple(sorted(self.options().items())))
 
     def label(self) -> str:
         parts = [self.schedule, f"pp{self.pipeline_parallel}"]

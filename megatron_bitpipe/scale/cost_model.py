@@ -6,7 +6,8 @@ the cluster's ``achieved_tflops``). Tensor parallelism divides a layer's compute
 two all-reduces of the layer's output per forward and two per backward, on NVLink. A backward
 split into I and W costs the cluster's measured ratios of a whole backward, and every action
 pays the cluster's fixed ``action_overhead_ms`` plus ``layer_overhead_ms`` per layer. Pipeline
-messages and replica syncs use the links between the nodes their ranks run on (``rank_order``).
+messages and replica syncs use the links between the nodes their ranks run on
+(``schedules.rank_order``).
 The data-parallel all-reduce overlaps the backward except for the last chunk's gradients; the
 optimizer step streams each parameter's state once through HBM. Memory is weights, gradients and
 Adam state (18 bytes per parameter in bf16/fp16, 16 in fp32; the optimizer's 12 divided by DP
@@ -35,9 +36,9 @@ from pathlib import Path
 
 from megatron_bitpipe.scale import measured_costs as fitted
 from megatron_bitpipe.scale.config import ClusterConfig, Layout, ModelConfig
-from megatron_bitpipe.scale.rank_order import slot_of
 from megatron_bitpipe.schedules import lower, registry
 from megatron_bitpipe.schedules.ir import Schedule
+from megatron_bitpipe.schedules.rank_order import slot_of
 from megatron_bitpipe.schedules.simulate import Costs, ModelDims, simulate
 
 GIB = 2**30
@@ -142,7 +143,7 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, microbat
     if invalid:
         return Prediction(model, cluster, layout, microbatches, invalid=invalid)
     try:
-        schedule = lower(registry.build(layout.schedule, layout.pipeline_parallel, microbatches, **layout.options()))
+        schedule = lower(layout.choice.build(layout.pipeline_parallel, microbatches))
     except ValueError as error:
         return Prediction(model, cluster, layout, microbatches, invalid=str(error))
     stages = schedule.placement.stages_per_pipeline

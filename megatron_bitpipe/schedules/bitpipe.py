@@ -50,6 +50,7 @@ import functools
 from dataclasses import dataclass
 
 from megatron_bitpipe.schedules.errors import ScheduleConfigError
+from megatron_bitpipe.schedules.flags import BARE
 from megatron_bitpipe.schedules.ir import Action, Kind, Schedule
 from megatron_bitpipe.schedules.placement import bitpipe as bitpipe_placement
 from megatron_bitpipe.schedules.registry import ScheduleSpec, register
@@ -62,13 +63,19 @@ def check_replica_pairs(name: str, num_ranks: int, num_microbatches: int) -> Non
     """The rules every two-pipeline schedule shares: D even, N a multiple of D."""
     if num_ranks < 2 or num_ranks % 2:
         raise ScheduleConfigError(
-            f"{name}: --pp {num_ranks} must be even and >= 2: the two pipelines pair rank r "
-            f"with rank D-1-r, which hold the same stages"
+            name,
+            "pp",
+            num_ranks,
+            "must be even and >= 2: the two pipelines pair rank r with rank D-1-r, which hold "
+            "the same stages",
         )
     if num_microbatches % num_ranks:
         raise ScheduleConfigError(
-            f"{name}: --microbatches {num_microbatches} must be a multiple of --pp {num_ranks}: "
-            f"microbatches go down and up in alternating blocks of D/2"
+            name,
+            "microbatches",
+            num_microbatches,
+            "must be a multiple of {pp}: microbatches go down and up in alternating blocks of D/2",
+            pp=num_ranks,
         )
 
 
@@ -93,14 +100,20 @@ def check_inflight(
     check(num_ranks, num_microbatches)
     if max_inflight is not None and max_inflight < num_ranks // 2:
         raise ScheduleConfigError(
-            f"bitpipe: --max-inflight {max_inflight} must be >= D/2 = {num_ranks // 2}: every "
-            f"BitPipe order keeps a block of D/2 microbatches per direction in flight"
+            "bitpipe",
+            "max_inflight",
+            max_inflight,
+            f"must be >= D/2 = {num_ranks // 2}: every BitPipe order keeps a block of D/2 "
+            "microbatches per direction in flight",
         )
     check_stash("bitpipe", num_ranks, max_stash)
     if max_inflight is not None and max_stash is not None:
         raise ScheduleConfigError(
-            "bitpipe: --max-stash and --max-inflight exclude each other: --max-stash picks the "
-            "order itself; give one of them"
+            "bitpipe",
+            "max_stash",
+            BARE,
+            "and {max_inflight} exclude each other: {max_stash} picks the order itself; give one "
+            "of them",
         )
 
 
@@ -108,8 +121,11 @@ def check_stash(name: str, num_ranks: int, max_stash: int | None) -> None:
     """``max_stash``, if given, must lie in [D, 3D] chunk activations per rank."""
     if max_stash is not None and not num_ranks <= max_stash <= 3 * num_ranks:
         raise ScheduleConfigError(
-            f"{name}: --max-stash {max_stash} must be between D = {num_ranks} and 3D = "
-            f"{3 * num_ranks}: chunk activations stashed per rank (default: 2D as today)"
+            name,
+            "max_stash",
+            max_stash,
+            f"must be between D = {num_ranks} and 3D = {3 * num_ranks}: chunk activations "
+            "stashed per rank (default: 2D as today)",
         )
 
 

@@ -25,12 +25,16 @@ NAME = "breadth-first"
 def check(num_ranks: int, num_microbatches: int, vp: int = 2) -> None:
     """--vp >= 1 and --microbatches >= --pp."""
     if vp < 1:
-        raise ScheduleConfigError(f"{NAME}: --vp {vp} must be >= 1")
+        raise ScheduleConfigError(NAME, "vp", vp, "must be >= 1")
     if num_microbatches < num_ranks:
         raise ScheduleConfigError(
-            f"{NAME}: --microbatches {num_microbatches} must be >= --pp {num_ranks}: microbatch 0 "
-            f"comes back to a rank for its next local stage D stage-times after it left, so with "
-            f"fewer microbatches than ranks every loop stalls (torch's LoopedBFS rule too)"
+            NAME,
+            "microbatches",
+            num_microbatches,
+            "must be >= {pp}: microbatch 0 comes back to a rank for its next local stage D "
+            "stage-times after it left, so with fewer microbatches than ranks every loop stalls "
+            "(torch's LoopedBFS rule too)",
+            pp=num_ranks,
         )
 
 

@@ -96,32 +96,45 @@ def check_interleaved(
     """megatron-core 0.16.1's rules: --pp >= 2, --vp >= 2, group in [D, N], N % group 0 or >= D."""
     if num_ranks < 2:
         raise ScheduleConfigError(
-            f"{INTERLEAVED}: --pp {num_ranks} must be >= 2: megatron-core interleaves chunks only "
-            f"with pipeline parallelism"
+            INTERLEAVED,
+            "pp",
+            num_ranks,
+            "must be >= 2: megatron-core interleaves chunks only with pipeline parallelism",
         )
     if vp < 2:
         raise ScheduleConfigError(
-            f"{INTERLEAVED}: --vp {vp} must be >= 2 (with one chunk per rank use 1f1b)"
+            INTERLEAVED, "vp", vp, "must be >= 2 (with one chunk per rank use 1f1b)"
         )
     group = num_ranks if microbatch_group_size is None else microbatch_group_size
     if num_microbatches < num_ranks:
         raise ScheduleConfigError(
-            f"{INTERLEAVED}: --microbatches {num_microbatches} must be >= --pp {num_ranks}: "
-            f"megatron-core runs each chunk on groups of at least PP microbatches "
-            f"(microbatch_group_size_per_vp_stage in [PP, M])"
+            INTERLEAVED,
+            "microbatches",
+            num_microbatches,
+            "must be >= {pp}: megatron-core runs each chunk on groups of at least PP microbatches "
+            "(microbatch_group_size_per_vp_stage in [PP, M])",
+            pp=num_ranks,
         )
     if not num_ranks <= group <= num_microbatches:
         raise ScheduleConfigError(
-            f"{INTERLEAVED}: --microbatch-group-size {group} must lie in [--pp {num_ranks}, "
-            f"--microbatches {num_microbatches}] (megatron-core's "
-            f"microbatch_group_size_per_vp_stage rule)"
+            INTERLEAVED,
+            "microbatch_group_size",
+            group,
+            "must lie in [{pp}, {microbatches}] (megatron-core's "
+            "microbatch_group_size_per_vp_stage rule)",
+            pp=num_ranks,
+            microbatches=num_microbatches,
         )
     remainder = num_microbatches % group
     if 0 < remainder < num_ranks:
         raise ScheduleConfigError(
-            f"{INTERLEAVED}: --microbatches {num_microbatches} modulo --microbatch-group-size "
-            f"{group} is {remainder}; it must be 0 or >= --pp {num_ranks}, or the last group "
-            f"stalls on its dependencies (megatron-core rule)"
+            INTERLEAVED,
+            "microbatches",
+            num_microbatches,
+            f"modulo {{microbatch_group_size}} is {remainder}; it must be 0 or >= {{pp}}, or the "
+            "last group stalls on its dependencies (megatron-core rule)",
+            microbatch_group_size=group,
+            pp=num_ranks,
         )
 
 

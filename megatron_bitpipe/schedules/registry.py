@@ -48,7 +48,9 @@ def get(name: str) -> ScheduleSpec:
     _load_generators()
     if name not in REGISTRY:
         known = ", ".join(REGISTRY)
-        raise ScheduleConfigError(f"--schedule {name!r} is not a known schedule; choose one of: {known}")
+        raise ScheduleConfigError(
+            None, "schedule", name, f"is not a known schedule; choose one of: {known}"
+        )
     return REGISTRY[name]
 
 
@@ -60,15 +62,18 @@ def build(name: str, num_ranks: int, num_microbatches: int, **options: object) -
     given = {key: value for key, value in options.items() if value is not None}
     unknown = sorted(set(given) - set(spec.options))
     if unknown:
-        allowed = ", ".join(_flag(option) for option in spec.options) or "none"
+        allowed = ", ".join(_named(option) for option in spec.options) or "none"
         raise ScheduleConfigError(
-            f"{name}: {', '.join(_flag(option) for option in unknown)} not accepted; "
-            f"this schedule takes: {allowed}"
+            name,
+            None,
+            None,
+            f"{', '.join(_named(option) for option in unknown)} not accepted; "
+            f"this schedule takes: {allowed}",
         )
     if num_ranks < 1:
-        raise ScheduleConfigError(f"{name}: --pp {num_ranks} must be >= 1")
+        raise ScheduleConfigError(name, "pp", num_ranks, "must be >= 1")
     if num_microbatches < 1:
-        raise ScheduleConfigError(f"{name}: --microbatches {num_microbatches} must be >= 1")
+        raise ScheduleConfigError(name, "microbatches", num_microbatches, "must be >= 1")
     spec.check(num_ranks, num_microbatches, **given)
     check_size(spec, num_ranks, num_microbatches, given)
     schedule = spec.generate(num_ranks, num_microbatches, **given)
@@ -93,9 +98,13 @@ def check_size(spec: ScheduleSpec, num_ranks: int, num_microbatches: int, option
     actions = estimated_actions(spec, num_ranks, num_microbatches, options)
     if actions > MAX_ACTIONS:
         raise ScheduleConfigError(
-            f"{spec.name}: --pp {num_ranks} with --microbatches {num_microbatches} would be a plan "
-            f"of about {actions:.1e} actions (~{actions * BYTES_PER_ACTION / 2**30:.0f} GiB to "
-            f"build); the limit is {MAX_ACTIONS:.0e} actions: use fewer ranks or microbatches"
+            spec.name,
+            "pp",
+            num_ranks,
+            f"with {{microbatches}} would be a plan of about {actions:.1e} actions "
+            f"(~{actions * BYTES_PER_ACTION / 2**30:.0f} GiB to build); the limit is "
+            f"{MAX_ACTIONS:.0e} actions: use fewer ranks or microbatches",
+            microbatches=num_microbatches,
         )
 
 
@@ -111,9 +120,9 @@ GENERATOR_MODULES = (
 )
 
 
-def _flag(option: str) -> str:
-    """The CLI spelling of a generator option: ``microbatch_group_size`` -> ``--microbatch-group-size``."""
-    return "--" + option.replace("_", "-")
+def _named(option: str) -> str:
+    """A generator option named, without a value, in a ScheduleConfigError's rule."""
+    return "{" + option + "}"
 
 
 def _load_generators() -> None:

@@ -245,8 +245,10 @@ def check_v_zb(num_ranks: int, num_microbatches: int) -> None:
     """V-ZB needs N >= 2D-1: rank 0 runs 2D-1 forwards before microbatch 0 comes back."""
     if num_microbatches < 2 * num_ranks - 1:
         raise ScheduleConfigError(
-            f"v-zb: --microbatches {num_microbatches} must be >= 2 * --pp - 1 = "
-            f"{2 * num_ranks - 1}: rank 0 runs 2*pp-1 forwards before the first backward reaches "
-            f"it, and fewer leave bubbles the zero-bubble plan does not cover; use v-half or "
-            f"v-min for fewer microbatches"
+            "v-zb",
+            "microbatches",
+            num_microbatches,
+            f"must be >= 2 * {{pp}} - 1 = {2 * num_ranks - 1}: rank 0 runs 2*pp-1 forwards before "
+            "the first backward reaches it, and fewer leave bubbles the zero-bubble plan does not "
+            "cover; use v-half or v-min for fewer microbatches",
         )

@@ -6,16 +6,14 @@ of a group sits in process slot k: ``global = slot * (TP * DP) + index``. With
 and D-k when k is odd, so the replicas of every stage (ranks r and D-1-r) sit in adjacent slots:
 on one node whenever a node holds two slots. The heavy replica gradient all-reduce then stays on
 NVLink and only the small activation messages cross nodes. The map is its own inverse.
+
+Pure arithmetic; ``runtime.rank_order`` applies it to a process's ``RANK``.
 """
 
 from __future__ import annotations
 
-import os
-
 CONSECUTIVE, REPLICA_PAIRS = "consecutive", "replica-pairs"
 ORDERS = (CONSECUTIVE, REPLICA_PAIRS)
-LAUNCH_RANK_VARIABLE = "MEGATRON_BITPIPE_LAUNCH_RANK"
-"""The rank the launcher gave a process whose ``RANK`` was rewritten."""
 
 
 def check_order(order: str, pipeline_parallel: int) -> None:
@@ -42,16 +40,3 @@ def logical_global_rank(physical_rank: int, pipeline_parallel: int, ranks_per_sl
     if slot >= pipeline_parallel:
         raise ValueError(f"rank {physical_rank} is outside {pipeline_parallel} x {ranks_per_slot} ranks")
     return slot_of(slot, pipeline_parallel, order) * ranks_per_slot + index
-
-
-def apply_to_environment(pipeline_parallel: int, ranks_per_slot: int, order: str) -> None:
-    """Rewrite ``RANK`` (set by torchrun or by hand) to this process's logical global rank.
-
-    Called before the process group exists. ``LOCAL_RANK`` (the GPU) is left alone: the process
-    keeps its node and device and takes another place in the pipeline.
-    """
-    if order == CONSECUTIVE or "RANK" not in os.environ:
-        return
-    physical = int(os.environ["RANK"])
-    os.environ[LAUNCH_RANK_VARIABLE] = str(physical)
-    os.environ["RANK"] = str(logical_global_rank(physical, pipeline_parallel, ranks_per_slot, order))
