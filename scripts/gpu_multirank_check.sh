@@ -37,7 +37,9 @@ The source of v2.30.3-1 is 8 MB (1.5 MB as tar.gz). The build (make src.build fo
 architecture, or NCCL_GENCODE) goes to NCCL_CACHE/VERSION-smARCH (now: $NCCL_CACHE) and is
 reused from there; NCCL_BUILD_TIMEOUT (now: $NCCL_BUILD_TIMEOUT s) bounds it.
 
-Environment: PYTHON, NCCL_SRC, NCCL_CACHE, NCCL_GENCODE, NCCL_BUILD_TIMEOUT, CUDA_HOME.
+Environment: PYTHON, NCCL_SRC, NCCL_CACHE, NCCL_GENCODE, NCCL_BUILD_TIMEOUT, CUDA_HOME, and for
+--dry-run TORCH_NCCL (the NCCL version to assume torch ships, or none). torch 2.15.0's CUDA build
+from the package index ships NCCL 2.30.7: no build needed there.
 EOF
 }
 
@@ -83,6 +85,9 @@ skip() {
 }
 
 read -r torch_version torch_nccl arch <<<"$(probe)"
+if [ "$dry_run" = 1 ] && [ -n "${TORCH_NCCL:-}" ]; then
+  torch_nccl=$TORCH_NCCL  # a dry run as if torch shipped this NCCL (a version, or none)
+fi
 if [ -z "${torch_version:-}" ]; then
   echo "FAIL $WHAT: $PYTHON cannot import torch"
   exit 1

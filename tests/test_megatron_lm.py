@@ -2,8 +2,9 @@
 
 The first part needs no Megatron-LM checkout and runs in CI: argument handling, the hooks'
 contracts, the patches. The second part runs Megatron-LM's pretrain_gpt.py from the checkout at
-``MEGATRON_LM_PATH`` (tag core_v0.16.1 with megatron-core 0.16.1) on CPU/gloo, ``--mock-data``,
-a tiny GPT, and skips, saying so, where that variable is unset. Every run's printed ``lm loss``
+``MEGATRON_LM_PATH`` (a tag of core_v0.16 to core_v0.19, with the megatron-core of the same
+release) on CPU/gloo, ``--mock-data``, a tiny GPT, and skips, saying so, where that variable is
+unset or names another release. Every run's printed ``lm loss``
 and ``grad norm`` must equal the PP=1 run of the launcher (``1f1b`` at PP=1, which builds the
 model with the same layout-independent initialization).
 """
@@ -170,7 +171,10 @@ def test_the_chunks_holding_a_first_or_last_stage_load_the_data(monkeypatch):
     assert hooks.holds_first_or_last_stage(layout, None) is False
 
 
-def test_the_optimizer_gets_both_replicas_chunks_in_stage_order():
+def test_the_optimizer_gets_both_replicas_chunks_in_stage_order(monkeypatch):
+    from megatron_bitpipe.mcore import checkpointing
+
+    monkeypatch.setattr(checkpointing, "share_optimizer_keys_with_replicas", lambda *args: None)
     layout = bitpipe(4)
     orders = []
     for rank in (1, 2):  # replica partners
@@ -196,14 +200,47 @@ def test_megatron_lms_own_extra_args_provider_still_runs():
     assert parser.parse_args(["--pipeline-schedule", "1f1b"]).pipeline_schedule == "1f1b"
 
 
-def test_hooks_refuse_megatron_core_releases_they_were_not_checked_against(monkeypatch):
-    from megatron_bitpipe.mcore import compat
+@pytest.mark.parametrize("version", [(0, 16, 1), (0, 17, 1), (0, 18, 2), (0, 19, 2)])
+def test_hooks_take_the_releases_they_were_checked_against(monkeypatch, version):
+    monkeypatch.setattr(hooks, "installed_version", lambda: version)
+    assert hooks.release().tags.startswith(f"core_v{version[0]}.{version[1]}.")
 
-    monkeypatch.setattr(compat, "version", lambda: (0, 16, 1))
-    hooks.check_version()
-    monkeypatch.setattr(compat, "version", lambda: (0, 19, 2))
-    with pytest.raises(hooks.UnsupportedMegatronLM, match="megatron-core 0.19.2: .* core_v0.16.x"):
+
+@pytest.mark.parametrize("version", [(0, 15, 3), (0, 20, 0)])
+def test_hooks_refuse_other_releases_naming_the_supported_range(monkeypatch, version):
+    monkeypatch.setattr(hooks, "installed_version", lambda: version)
+    found = ".".join(map(str, version))
+    with pytest.raises(hooks.UnsupportedMegatronLM, match=f"megatron-core {found}: .* core_v0.16.x to core_v0.19.x"):
         hooks.check_version()
+
+
+def fake_checkout(root: Path, *, parses_arguments: bool, builder: bool) -> Path:
+    """A pretrain_gpt.py and megatron/training as a release lays them out (nothing importable)."""
+    (root / "megatron" / "training" / "models").mkdir(parents=True)
+    if builder:
+        (root / "megatron" / "training" / "models" / "gpt.py").write_text("")
+    script = root / "pretrain_gpt.py"
+    script.write_text("args = parse_and_validate_args()\n" if parses_arguments else "pretrain()\n")
+    return script
+
+
+@pytest.mark.parametrize(
+    "parses_arguments,builder,release",
+    [(False, False, "core_v0.16-0.17"), (True, False, "core_v0.18"), (True, True, "core_v0.19")],
+)
+def test_a_script_of_another_release_than_megatron_core_is_refused_in_one_line(
+    monkeypatch, tmp_path, parses_arguments, builder, release
+):
+    script = fake_checkout(tmp_path, parses_arguments=parses_arguments, builder=builder)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    layout = (parses_arguments, builder)
+    other = next(v for v, r in [((0, 16, 1), (False, False)), ((0, 19, 2), (True, True))] if r != layout)
+    monkeypatch.setattr(hooks, "installed_version", lambda: other)
+    with pytest.raises(hooks.UnsupportedMegatronLM, match=f"is a Megatron-LM {release} script, but megatron-core"):
+        hooks.check_version(str(script))
+    matching = next(v for v, r in hooks.RELEASES.items() if (r.script_parses_arguments, r.model_builder) == layout)
+    monkeypatch.setattr(hooks, "installed_version", lambda: (*matching, 0))
+    hooks.check_version(str(script))
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=[patch.name for patch in PATCHES])
@@ -233,13 +270,39 @@ def test_up_replicas_and_tied_heads_are_stored_as_copies():
 # --- with a Megatron-LM checkout ------------------------------------------------------------------
 
 CHECKOUT = os.environ.get("MEGATRON_LM_PATH")
-needs_checkout = pytest.mark.skipif(
-    not CHECKOUT,
-    reason="MEGATRON_LM_PATH is unset: point it at a Megatron-LM checkout (tag core_v0.16.1) "
-    "to run pretrain_gpt.py with our schedules",
-)
+
+
+def checkout_problem() -> str | None:
+    """Why the checkout tests cannot run here, or None."""
+    if not CHECKOUT:
+        return (
+            "MEGATRON_LM_PATH is unset: point it at a Megatron-LM checkout (a tag of core_v0.16 "
+            "to core_v0.19, the release of the installed megatron-core) to run pretrain_gpt.py "
+            "with our schedules"
+        )
+    try:
+        hooks.check_version(f"{CHECKOUT}/pretrain_gpt.py", training=f"{CHECKOUT}/megatron/training")
+    except hooks.UnsupportedMegatronLM as error:
+        return f"MEGATRON_LM_PATH: {error}"
+    return None
+
+
+needs_checkout = pytest.mark.skipif(checkout_problem() is not None, reason=str(checkout_problem()))
+
+
+def release_patch() -> Path:
+    """The patch for the installed release's tag, or skip."""
+    tags = hooks.release().tags
+    for patch in PATCHES:
+        if f"Targets: Megatron-LM tag {tags} " in patch.read_text():
+            return patch
+    pytest.skip(f"no patch under patches/ targets {tags}")
+# Megatron-LM pads the vocabulary to a multiple of make-vocab-size-divisible-by x TP: core_v0.18+
+# pads --vocab-size, older releases the tokenizer's (one more, for its end-of-document token).
+# 127 and 64 give 128 rows at TP 1 and 2 in every release, so TP=2 runs match the PP=1 run.
 TINY = (
-    "--mock-data --tokenizer-type NullTokenizer --vocab-size 128 --num-layers 8 --hidden-size 64 "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 127 --make-vocab-size-divisible-by 64 "
+    "--num-layers 8 --hidden-size 64 "
     "--num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 "
     "--global-batch-size 16 --train-iters 4 --lr 1e-4 --log-interval 1 --eval-iters 0 "
     "--eval-interval 100 --hidden-dropout 0 --attention-dropout 0 --seed 1234"
@@ -357,8 +420,8 @@ def test_zero_bubble_schedules_run_with_megatron_lms_default_dropout_fusion():
 
 
 @needs_checkout
-@pytest.mark.parametrize("patch", PATCHES, ids=[patch.name for patch in PATCHES])
-def test_patch_applies_to_the_checkout(patch):
+def test_the_releases_patch_applies_to_the_checkout():
+    patch = release_patch()
     result = subprocess.run(
         ["git", "apply", "--check", str(patch)], cwd=CHECKOUT, capture_output=True, text=True
     )
@@ -370,7 +433,7 @@ def test_patched_pretrain_gpt_trains_bitpipe_like_one_process(reference, tmp_pat
     for name in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py"):
         shutil.copy(Path(CHECKOUT) / name, tmp_path / name)
     applied = subprocess.run(
-        ["git", "apply", str(PATCHES[0])], cwd=tmp_path, capture_output=True, text=True
+        ["git", "apply", str(release_patch())], cwd=tmp_path, capture_output=True, text=True
     )
     assert applied.returncode == 0, applied.stderr
     log = pretrain_gpt(
@@ -474,3 +537,38 @@ def test_megatron_lms_default_dropout_trains_like_one_process():
                         timeout=600))
     assert len(logged_losses(one)) == 4
     assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-5)
+
+
+FEATURES = (
+    "--position-embedding-type rope --normalization RMSNorm --swiglu "
+    "--untie-embeddings-and-output-weights --disable-bias-linear --group-query-attention "
+    "--num-query-groups 2 --recompute-granularity full --recompute-method uniform "
+    "--recompute-num-layers 1 --bf16"
+).split()
+
+
+@needs_checkout
+def test_llama_style_bf16_runs_with_data_parallel_checkpoints_train_like_one_process(tmp_path):
+    """The feature matrix a user brings, in one group of runs: LLaMA-style layers (RoPE,
+    RMSNorm, SwiGLU, GQA, untied embeddings, no biases), full recompute and bf16, at DP=2 x PP=2.
+    BitPipe saves after two iterations (fully parallel, each shard once) and V-Half resumes;
+    BitPipe with the distributed optimizer trains four iterations, saving after two (that save
+    used to fail: the replica pair shards one optimizer state). All print the PP=1 losses.
+    Resuming the distributed optimizer needs apex or Transformer Engine's Adam (megatron-core
+    cannot describe torch Adam's empty state to load into), so no CPU run resumes it."""
+    one = pretrain_gpt(1, *FEATURES, "--pipeline-schedule", "1f1b")
+    bitpipe_dp2 = (*FEATURES, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "bitpipe")
+    plain, distributed = str(tmp_path / "plain"), str(tmp_path / "distributed")
+    saved = pretrain_gpt(4, *bitpipe_dp2, "--save", plain, "--save-interval", "2", "--exit-interval", "2")
+    resumed = pretrain_gpt(
+        4, *FEATURES, "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "v-half",
+        "--load", plain,
+    )
+    sharded = pretrain_gpt(
+        4, *bitpipe_dp2, "--use-distributed-optimizer", "--save", distributed, "--save-interval", "2",
+    )
+    assert "loading distributed checkpoint from" in resumed
+    assert len(true_losses(one)) == 4
+    assert true_losses(saved) + true_losses(resumed) == pytest.approx(true_losses(one), rel=1e-5)
+    assert logged_losses(sharded) == pytest.approx(logged_losses(one), rel=1e-5)
+    assert (tmp_path / "distributed" / "iter_0000002" / "metadata.json").is_file()

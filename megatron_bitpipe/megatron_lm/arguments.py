@@ -17,14 +17,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from megatron_bitpipe.run_plan import (
-    MEGATRON_SCHEDULES,
-    ArgumentsError,
-    RunPlan,
-    validate_args,
-)
-from megatron_bitpipe.scale import rank_order
-from megatron_bitpipe.schedules import get, names
+from megatron_bitpipe.run_plan import ArgumentsError, RunPlan, validate_args
+from megatron_bitpipe.schedules import rank_order
+from megatron_bitpipe.schedules.choice import ScheduleChoice, known_names
+from megatron_bitpipe.schedules.flags import MEGATRON_LM
 
 VIRTUAL_STAGES = "--num-virtual-stages-per-pipeline-rank"
 LAYERS_PER_VIRTUAL_STAGE = "--num-layers-per-virtual-pipeline-stage"
@@ -42,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--pipeline-schedule",
         default=None,
-        help=f"one of {', '.join(names() + list(MEGATRON_SCHEDULES[:2]))} "
+        help=f"one of {', '.join(_launchable())} "
         "(megatron-*: megatron-core's own functions)",
     )
     group.add_argument(
@@ -88,7 +84,6 @@ def _preparser() -> argparse.ArgumentParser:
         "--num-attention-heads",
         "--seq-length",
         "--max-position-embeddings",
-        "--vocab-size",
         LAYERS_PER_VIRTUAL_STAGE,
         VIRTUAL_STAGES,
         "--microbatch-group-size-per-virtual-pipeline-stage",  # Megatron-LM's own flag
@@ -118,9 +113,10 @@ def plan(argv: Sequence[str], world_size: int) -> tuple[RunPlan, list[str]]:
     if schedule is None:
         raise ArgumentsError(
             "--pipeline-schedule is required: one of "
-            f"{', '.join(names() + list(MEGATRON_SCHEDULES[:2]))}"
+            f"{', '.join(_launchable())}"
         )
-    if schedule == "none" or "," in schedule:
+    choice = ScheduleChoice(schedule)
+    if "," in schedule or choice.is_reference:
         raise ArgumentsError(
             f"--pipeline-schedule {schedule}: give one schedule (for PP=1 use 1f1b, which builds "
             f"the model with the same initialization as every other layout)"
@@ -136,10 +132,10 @@ def plan(argv: Sequence[str], world_size: int) -> tuple[RunPlan, list[str]]:
             f"context parallel size 1 for now"
         )
     user_virtual = _virtual_stages(known)
-    takes_virtual = schedule == "megatron-interleaved" or (
-        schedule in names() and "vp" in get(schedule).options
+    takes_virtual = choice.takes_virtual_size
+    plans = validate_args(
+        _namespace(known, user_virtual if takes_virtual else None), world_size, MEGATRON_LM
     )
-    plans = validate_args(_namespace(known, user_virtual if takes_virtual else None), world_size)
     run = plans[0]
     needed = _virtual_size_of(run)
     if takes_virtual or needed is None:
@@ -165,6 +161,11 @@ def plan(argv: Sequence[str], world_size: int) -> tuple[RunPlan, list[str]]:
     if user_virtual is None:
         return run, [*argv, VIRTUAL_STAGES, str(needed)]
     return run, list(argv)
+
+
+def _launchable() -> list[str]:
+    """The schedules the launcher runs: all but the unpipelined reference."""
+    return [name for name in known_names() if not ScheduleChoice(name).is_reference]
 
 
 def _virtual_size_of(run: RunPlan) -> int | None:
@@ -200,6 +201,7 @@ def _namespace(known: argparse.Namespace, virtual: int | None) -> argparse.Names
     values["virtual_pipeline_model_parallel_size"] = virtual
     values["num_layers_per_virtual_pipeline_stage"] = None
     values["trace"] = values["save_params"] = None
+    values["vocab_size"] = None  # Megatron-LM pads the vocabulary to a multiple of TP itself
     return argparse.Namespace(**values)
 
 

@@ -120,8 +120,11 @@ def _patch_megatron_lm(megatron_schedule: bool) -> None:
 def _wrap_transformer_config(arguments: Any) -> None:
     """megatron's interleaved schedule frees a sent output before gloo has read it (with
     overlap_p2p_comm), and synchronizes CUDA after batched p2p. core_transformer_config_from_args
-    is imported by name by pretrain_gpt.py and gpt_builders.py, so it is wrapped before them."""
+    is imported by name by pretrain_gpt.py and gpt_builders.py, so it is wrapped before them;
+    from core_v0.18 it lives in ``argument_utils``, whose ``gpt_config_from_args`` calls it."""
     original = arguments.core_transformer_config_from_args
+    if getattr(original, "bitpipe_cpu", False):
+        return
 
     @functools.wraps(original)
     def core_transformer_config_from_args(args: Any, *rest: Any, **kwargs: Any) -> Any:
@@ -131,4 +134,10 @@ def _wrap_transformer_config(arguments: Any) -> None:
             setattr(config, name, value)
         return config
 
+    core_transformer_config_from_args.bitpipe_cpu = True  # type: ignore[attr-defined]
     arguments.core_transformer_config_from_args = core_transformer_config_from_args
+    try:
+        from megatron.training import argument_utils
+    except ImportError:
+        return
+    argument_utils.core_transformer_config_from_args = core_transformer_config_from_args

@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from megatron_bitpipe.run_plan import ArgumentsError
-from megatron_bitpipe.scale import rank_order
+from megatron_bitpipe.runtime import rank_order
 
 USAGE = (
     "usage: python -m megatron_bitpipe.megatron_lm /path/to/Megatron-LM/pretrain_gpt.py "
@@ -25,23 +25,27 @@ USAGE = (
 )
 
 
-def enable(argv: Sequence[str] | None = None) -> list[str]:
+def enable(argv: Sequence[str] | None = None, script: str | None = None) -> list[str]:
     """Validate, patch Megatron-LM for the schedule, and return the arguments to run with.
 
     Without ``--pipeline-schedule`` (a patched ``pretrain_gpt.py`` run as usual) nothing changes.
-    ``argv`` defaults to ``sys.argv[1:]``, which is updated in place.
+    ``argv`` defaults to ``sys.argv[1:]``, which is updated in place; ``script`` (the
+    ``pretrain_gpt.py`` to run) to ``sys.argv[0]``, and must be of the installed megatron-core's
+    release.
     """
-    from megatron_bitpipe.megatron_lm import arguments, cpu, hooks
+    from megatron_bitpipe.megatron_lm import arguments, hooks
 
     given = list(sys.argv[1:] if argv is None else argv)
     if argv is None and "--pipeline-schedule" not in given:
         return given
     try:
         run, given = arguments.plan(given, int(os.environ.get("WORLD_SIZE", "1")))
-        hooks.check_version()
+        hooks.check_version(script or (sys.argv[0] if argv is None else None))
     except (ArgumentsError, hooks.UnsupportedMegatronLM) as error:
         print(f"megatron_bitpipe: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    from megatron_bitpipe.megatron_lm import cpu
+
     order, pipeline_parallel = arguments.pipeline_rank_order(given)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank_order.apply_to_environment(pipeline_parallel, world_size // pipeline_parallel, order)
@@ -66,6 +70,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     # the checkout that holds the script provides megatron.training, as `python pretrain_gpt.py`
     # finds it; first on the path before anything (the CPU set-up, the hooks) imports it
     sys.path.insert(0, os.path.dirname(script))
-    rest = enable(rest)
+    rest = enable(rest, script)
     sys.argv = [script, *rest]
     runpy.run_path(script, run_name="__main__")
