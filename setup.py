@@ -21,7 +21,7 @@ setup(
             "triton; python_version >= '3.12' and platform_system == 'Linux'",
         ],
         "viz": ["matplotlib>=3.7"],
-        # what Megatron-LM's megatron/training imports beyond megatron-core (notes: megatron_lm.md)
+        # what Megatron-LM's megatron/training imports beyond megatron-core (docs/megatron-lm.md)
         "megatron-lm": ["six", "regex", "pyyaml", "pydantic"],
         "test": ["pytest>=7", "pyyaml>=6", "hypothesis>=6"],
     },

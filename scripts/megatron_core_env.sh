@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by the GPU scripts: makes megatron-core and this checkout importable by $PYTHON.
 # megatron-core comes from that Python if it has it, else from wheels in .whl/ (machines without
-# a registry: see the README), else from PyPI; exits the script if it cannot be installed.
+# a registry: see docs/gpu.md), else from PyPI; exits the script if it cannot be installed.
 if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/megatron-bitpipe-site .whl/*.whl || exit 1

@@ -46,8 +46,8 @@ F3u1 F4u1 F1d4 B1d4 F2d4 B2d4 B3u1 B4u1
 
 
 def parse_listing(text: str, stages_per_pipeline: int) -> tuple[tuple[Action, ...], ...]:
-    """The notes' 1-based notation, one rank a line (indented lines continue it): up stage sK
-    is global stage S + K-1."""
+    """The listings' 1-based notation (docs/design.md, "The oracle"), one rank a line (indented
+    lines continue it): up stage sK is global stage S + K-1."""
     programs = []
     for line in text.strip().replace("\n  ", " ").splitlines():
         program = []

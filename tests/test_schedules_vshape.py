@@ -33,7 +33,7 @@ PEAK_FORMULA = {
     "v-zb": lambda d: 2 * d,
 }
 
-# the note's table x 6 (D=4: 1.83 / 0.83 / 0, D=8: 4.5 / 2.83 / 0); D=2 is our measurement
+# the fork's bubble table x 6 (D=4: 1.83 / 0.83 / 0, D=8: 4.5 / 2.83 / 0); D=2 is our measurement
 SPAN_BUBBLE_SLOTS = {
     ("v-min", 2): 3,
     ("v-min", 4): 11,
@@ -207,7 +207,7 @@ NOTE_D4_M8 = {
 
 
 def note_actions(rank: int, row: str, num_ranks: int = 4) -> list[str]:
-    """The note's ``F0 f0 b0 w0`` for ``rank`` in our text form (``0F0 7F0 7I0 7W0``)."""
+    """The fork's ``F0 f0 b0 w0`` for ``rank`` in our text form (``0F0 7F0 7I0 7W0``)."""
     actions = []
     for op in row.split():
         stage = rank if op[0].isupper() else 2 * num_ranks - 1 - rank
