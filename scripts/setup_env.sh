@@ -24,8 +24,12 @@ case "$lane" in
     venv=.venv-newest
     python=${PYTHON312:-}
     if [ -z "$python" ]; then
-      for candidate in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do
-        if command -v "$candidate" >/dev/null 2>&1; then python=$candidate; break; fi
+      # a pyenv shim answers to python3.12 without running it: try each candidate for real
+      for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do
+        if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+          python=$candidate
+          break
+        fi
       done
     fi
     if [ -z "$python" ]; then
