@@ -296,8 +296,10 @@ def test_training_killed_mid_run_resumes_from_the_last_checkpoint_bitwise(tmp_pa
     """4 ranks of bitpipe, checkpoints every 2 iterations, rank 2 killed at iteration 5: the
     restart from iteration 4 reports the losses of the uninterrupted run, bit for bit (the killed
     run's report holds the iterations it logged)."""
+    # checkpoint saves get the setup deadline: a minute, for a first save's writer processes
+    # importing a CUDA build of torch on two loaded cores (12 s was too short there)
     arguments = [*MODEL, "--pipeline-model-parallel-size", "4", "--global-batch-size", "16",
-                 "--num-layers", "8", "--train-iters", "6"]
+                 "--num-layers", "8", "--train-iters", "6", "--distributed-timeout-minutes", "1"]
     uninterrupted = losses(train(4, *arguments).only)
     folder = tmp_path / "checkpoints"
     crashed = train(4, *arguments, "--save", str(folder), "--save-interval", "2",
